@@ -1,0 +1,3 @@
+from skinml.cli import main
+
+main()

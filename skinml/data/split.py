@@ -1,0 +1,106 @@
+"""Lesion-grouped, dx-stratified train/val/test splits: no lesion is ever in two splits."""
+
+from __future__ import annotations
+
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+from skinml.data.errors import SplitError
+
+SPLITS = ("train", "val", "test")
+_MAX_FOLDS = 100
+_MIN_LESIONS_EVERYWHERE = 3
+
+
+def split_by_lesion(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.15,
+                    seed: int = 0) -> pd.Series:
+    """Assign each row "train", "val" or "test", aligned to `df.index`.
+
+    HAM10000 has 10,015 images of 7,470 lesions: an image split would put photos of the
+    same lesion on both sides. sklearn's StratifiedGroupKFold cuts the data into k
+    dx-stratified, lesion-disjoint folds of 1/k of the images each; test and val take
+    whole folds. Every class with at least 3 lesions then gets a lesion in each split.
+    """
+    n_folds, n_val, n_test = _folds_for(val_frac, test_frac)
+    n_lesions = df["lesion_id"].nunique()
+    if n_lesions < n_folds:
+        raise SplitError(f"cannot split {n_lesions} lesions into val_frac={val_frac}, "
+                         f"test_frac={test_frac}: at least {n_folds} lesions are needed")
+    if df["dx"].value_counts().max() >= n_folds:
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    else:  # too few images for sklearn to stratify; the repair step still spreads classes
+        folds = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    split = np.full(len(df), "train", dtype=object)
+    with warnings.catch_warnings():
+        # Rare classes have fewer lesions than folds; the repair step below handles them.
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for fold, (_, fold_rows) in enumerate(folds.split(df, df["dx"], df["lesion_id"])):
+            if fold < n_test:
+                split[fold_rows] = "test"
+            elif fold < n_test + n_val:
+                split[fold_rows] = "val"
+    result = pd.Series(split, index=df.index, name="split")
+    return _give_each_split_a_lesion(df, result)
+
+
+def assert_no_leakage(df: pd.DataFrame, split: pd.Series) -> None:
+    """Raise SplitError if any lesion_id has images in two splits, or the split is malformed."""
+    if not split.index.equals(df.index):
+        raise SplitError("split is not aligned with the metadata rows (index differs)")
+    unknown = set(split.unique()) - set(SPLITS)
+    if unknown:
+        raise SplitError(f"split has value(s) {sorted(map(str, unknown))}, "
+                         f"not one of {', '.join(SPLITS)}")
+    per_lesion = split.groupby(df["lesion_id"]).nunique()
+    leaking = per_lesion.index[per_lesion > 1]
+    if len(leaking):
+        lesion = leaking[0]
+        where = sorted(split[df["lesion_id"] == lesion].unique())
+        raise SplitError(f"lesion {lesion} has images in {' and '.join(where)} "
+                         f"({len(leaking)} lesion(s) leak across splits)")
+
+
+def _folds_for(val_frac: float, test_frac: float) -> tuple[int, int, int]:
+    """The fewest folds k with val_frac*k and test_frac*k whole numbers."""
+    for name, value in (("val_frac", val_frac), ("test_frac", test_frac)):
+        if not 0 < value < 1:
+            raise SplitError(f"{name} must be between 0 and 1 (exclusive), got {value}")
+    if val_frac + test_frac >= 1:
+        raise SplitError(f"val_frac + test_frac must be below 1, got {val_frac + test_frac:g}")
+    val, test = (Fraction(v).limit_denominator(_MAX_FOLDS) for v in (val_frac, test_frac))
+    if abs(float(val) - val_frac) > 1e-9 or abs(float(test) - test_frac) > 1e-9:
+        raise SplitError(f"val_frac ({val_frac}) and test_frac ({test_frac}) must be "
+                         f"multiples of 1/{_MAX_FOLDS} or simple fractions such as 1/3")
+    n_folds = int(np.lcm(val.denominator, test.denominator))
+    if n_folds > _MAX_FOLDS:
+        raise SplitError(f"val_frac ({val_frac}) and test_frac ({test_frac}) together need "
+                         f"{n_folds} folds; use fractions with a common denominator <= 100")
+    return n_folds, round(val_frac * n_folds), round(test_frac * n_folds)
+
+
+def _give_each_split_a_lesion(df: pd.DataFrame, split: pd.Series) -> pd.Series:
+    """Move whole lesions so each class with >= 3 lesions appears in train, val and test.
+
+    The donor is the split holding most lesions of that class; the lesion moved is its
+    smallest (fewest images), so the image fractions barely change.
+    """
+    lesions = pd.DataFrame({"lesion_id": df["lesion_id"], "dx": df["dx"], "split": split})
+    table = (lesions.groupby("lesion_id", sort=True)
+             .agg(dx=("dx", "first"), split=("split", "first"), images=("dx", "size")))
+    for _, members in table.groupby("dx", sort=True):
+        if len(members) < _MIN_LESIONS_EVERYWHERE:
+            continue
+        for target in SPLITS:
+            counts = table.loc[members.index, "split"].value_counts()
+            if counts.get(target, 0):
+                continue
+            donor = max(SPLITS, key=lambda s: (counts.get(s, 0), s == "train"))
+            candidates = table.loc[members.index]
+            candidates = candidates[candidates["split"] == donor]
+            moved = candidates.sort_values(["images"], kind="stable").index[0]
+            table.loc[moved, "split"] = target
+    return df["lesion_id"].map(table["split"]).rename("split")

@@ -1,0 +1,122 @@
+"""Lesion-grouped splits: on the full real HAM10000 metadata and on random metadata."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skinml.data import SPLITS, SplitError, assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.labels import CLASSES
+
+from ..conftest import FULL_METADATA
+
+
+@pytest.fixture(scope="module")
+def full() -> pd.DataFrame:
+    return pd.read_csv(FULL_METADATA)
+
+
+@pytest.fixture(scope="module")
+def full_split(full) -> pd.Series:
+    return split_by_lesion(full, seed=0)
+
+
+def test_split_never_shares_a_lesion_on_the_full_metadata(full, full_split):
+    assert_no_leakage(full, full_split)
+    assert (full_split.groupby(full["lesion_id"]).nunique() == 1).all()
+
+
+def test_split_fractions_are_counted_in_images(full_split):
+    shares = full_split.value_counts(normalize=True)
+    assert shares["val"] == pytest.approx(0.15, abs=0.005)
+    assert shares["test"] == pytest.approx(0.15, abs=0.005)
+
+
+def test_split_keeps_class_shares_within_2_points(full, full_split):
+    lesions = full.groupby("dx")["lesion_id"].nunique()
+    overall = full["dx"].value_counts(normalize=True)
+    for name in SPLITS:
+        shares = full.loc[full_split == name, "dx"].value_counts(normalize=True)
+        for dx in lesions.index[lesions >= 100]:
+            assert abs(shares[dx] - overall[dx]) <= 0.02, (name, dx)
+
+
+def test_split_is_deterministic_for_a_seed(full, full_split):
+    assert split_by_lesion(full, seed=0).equals(full_split)
+    assert not split_by_lesion(full, seed=1).equals(full_split)
+
+
+def test_every_class_of_the_sample_is_in_every_split():
+    frame = load_ham10000()
+    split = split_by_lesion(frame)
+    table = pd.crosstab(frame["dx"], split)
+    assert list(table.index) == list(CLASSES)
+    assert (table[list(SPLITS)] > 0).all().all()
+
+
+@st.composite
+def metadata(draw) -> pd.DataFrame:
+    """Random HAM-like metadata: lesions of 1-4 images, skewed classes, a shuffled index."""
+    n_lesions = draw(st.integers(min_value=20, max_value=120))
+    classes = draw(st.lists(st.sampled_from(CLASSES), min_size=n_lesions, max_size=n_lesions))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=n_lesions, max_size=n_lesions))
+    rows = [(f"L{i}", dx) for i, (dx, k) in enumerate(zip(classes, sizes, strict=True))
+            for _ in range(k)]
+    frame = pd.DataFrame(rows, columns=["lesion_id", "dx"])
+    frame["image_id"] = [f"I{i}" for i in range(len(frame))]
+    order = draw(st.permutations(range(len(frame))))
+    return frame.iloc[list(order)].set_index(pd.Index([7 * i + 3 for i in order]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(frame=metadata(), seed=st.integers(0, 2**16))
+def test_split_properties_hold_on_random_metadata(frame, seed):
+    split = split_by_lesion(frame, seed=seed)
+    assert split.index.equals(frame.index)
+    assert set(split) <= set(SPLITS)
+    assert_no_leakage(frame, split)
+    lesions = frame.groupby("dx")["lesion_id"].nunique()
+    for dx in lesions.index[lesions >= 3]:
+        present = set(split[frame["dx"] == dx])
+        assert present == set(SPLITS), (dx, present)
+    assert split.equals(split_by_lesion(frame, seed=seed))
+
+
+def test_assert_no_leakage_names_the_leaking_lesion():
+    frame = pd.DataFrame({"lesion_id": ["A", "A", "B"], "dx": ["nv", "nv", "mel"]})
+    split = pd.Series(["train", "test", "val"], index=frame.index)
+    with pytest.raises(SplitError, match="lesion A has images in test and train"):
+        assert_no_leakage(frame, split)
+
+
+def test_assert_no_leakage_rejects_a_misaligned_split():
+    frame = pd.DataFrame({"lesion_id": ["A", "B"], "dx": ["nv", "mel"]})
+    with pytest.raises(SplitError, match="not aligned"):
+        assert_no_leakage(frame, pd.Series(["train", "val"], index=[5, 6]))
+
+
+@pytest.mark.parametrize("val_frac, test_frac, message", [
+    (0.0, 0.15, "val_frac must be between 0 and 1"),
+    (0.15, 1.2, "test_frac must be between 0 and 1"),
+    (0.5, 0.5, "must be below 1"),
+    (0.123, 0.15, "multiples of 1/100"),
+])
+def test_bad_fractions_are_refused(val_frac, test_frac, message):
+    frame = load_ham10000()
+    with pytest.raises(SplitError, match=message):
+        split_by_lesion(frame, val_frac=val_frac, test_frac=test_frac)
+
+
+def test_other_fractions_are_honoured():
+    frame = pd.read_csv(FULL_METADATA).head(3000)
+    shares = split_by_lesion(frame, val_frac=0.1, test_frac=0.2).value_counts(normalize=True)
+    assert shares["val"] == pytest.approx(0.1, abs=0.01)
+    assert shares["test"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_too_few_lesions_is_a_clear_error():
+    frame = pd.DataFrame({"lesion_id": list("ABCDE"), "dx": ["nv"] * 5})
+    with pytest.raises(SplitError, match="at least 20 lesions"):
+        split_by_lesion(frame)

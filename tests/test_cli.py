@@ -1,0 +1,33 @@
+"""The `skinml` command: help everywhere, the bundled sample's table by default."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from skinml.cli import main
+
+from .data.test_metadata import skinml_cli
+
+
+def test_data_check_without_argument_prints_the_sample_table():
+    result = skinml_cli("data", "check")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "images           660 (missing 0, corrupt 0, without metadata 0)"
+    assert lines[2] == "lesions          450"
+    assert lines[-1].split() == ["total", "660", "450"]
+    assert "nv                  Melanocytic nevi     250      193" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "check"], ["data", "prepare"],
+                                     ["data", "synth"]])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage: " in result.output
+
+
+def test_unknown_option_is_a_usage_error_with_exit_2():
+    result = CliRunner().invoke(main, ["data", "check", "--bogus"])
+    assert result.exit_code == 2

@@ -1,0 +1,41 @@
+"""The fresh-clone contract: README's set-up block, CI, and the environment files agree."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_setup_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_exactly_readmes_setup_commands():
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == readme_setup_commands()
+    assert any("pip install" in c for c in ci) and any("pytest" in c for c in ci)
+
+
+def test_conda_env_has_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert pip == project["dependencies"]
+
+
+def test_mlproject_uses_the_conda_env():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert spec["name"] == "skinml" and spec["conda_env"] == "conda.yaml"
+
+
+def test_bundled_sample_ships_with_its_licence_note():
+    sample = ROOT / "skinml" / "sample"
+    assert "CC BY-NC-SA 4.0" in (sample / "README.md").read_text()
+    assert len(list(sample.glob("*.jpg"))) == 660
