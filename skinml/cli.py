@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,119 @@ def synth(out: Path, n: int, seed: int, width: int, height: int, layout: str) ->
 
     write_synthetic(out, n, seed=seed, width=width, height=height, layout=layout)
     click.echo(f"wrote {n} synthetic images and their metadata to {out}")
+
+
+def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """MLproject passes every parameter; an empty string means "not given"."""
+    return value if value not in ("", None) else None
+
+
+# Shortcuts for the most overridden config keys; anything else goes through --set.
+_SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "model.image_size",
+              "batch_size": "optim.batch_size", "lr": "optim.lr", "arch": "model.arch",
+              "balance_strategy": "balance.strategy", "pretrained": "model.pretrained",
+              "seed": "runtime.seed"}
+
+
+@main.command()
+@click.option("--config", "config_path", default="experiments/demo.yaml", show_default=True,
+              type=click.Path(path_type=Path), help="YAML run configuration.")
+@click.option("--data-dir", callback=_blank_is_none, help="HAM10000 folder (data.dir).")
+@click.option("--epochs", callback=_blank_is_none, help="optim.epochs")
+@click.option("--image-size", callback=_blank_is_none, help="model.image_size")
+@click.option("--batch-size", callback=_blank_is_none, help="optim.batch_size")
+@click.option("--lr", callback=_blank_is_none, help="optim.lr")
+@click.option("--arch", callback=_blank_is_none, help="model.arch")
+@click.option("--balance-strategy", callback=_blank_is_none, help="balance.strategy")
+@click.option("--pretrained", callback=_blank_is_none, help="model.pretrained (true/false)")
+@click.option("--seed", callback=_blank_is_none, help="runtime.seed")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set balance.strategy=focal (repeatable).")
+@click.option("--overrides", callback=_blank_is_none,
+              help="Space-separated KEY=VALUE overrides (for MLproject).")
+@click.option("--resume", "resume_run_id", callback=_blank_is_none, metavar="RUN_ID",
+              help="Continue a killed run from its last checkpoint.")
+def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
+          resume_run_id: str | None, **shortcuts: str | None) -> None:
+    """Train a ResNeXt and log the run, its figures and the model to MLflow."""
+    from skinml.config import load_config
+    from skinml.train import train as run_training
+
+    items = [f"{_SHORTCUTS[name]}={value}" for name, value in shortcuts.items()
+             if value is not None]
+    items += (overrides or "").split() + list(sets)
+    config = load_config(config_path, items)
+    result = run_training(config, resume_run_id=resume_run_id)
+    click.echo(f"run {result.run_id}: best epoch {result.best_epoch}, val balanced accuracy "
+               f"{result.val_balanced_accuracy:.4f}, test balanced accuracy "
+               f"{result.test['balanced_accuracy']:.4f}; model {result.model_uri}")
+
+
+@main.group()
+def bench() -> None:
+    """Measure the input pipeline and training throughput on this machine."""
+
+
+_BENCH_CONFIG = click.option("--config", "config_path", default="experiments/ham10000.yaml",
+                             show_default=True, type=click.Path(path_type=Path))
+_BENCH_SETS = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                           help="Config overrides, e.g. --set model.image_size=128.")
+_BENCH_DATA = click.option("--data-dir", callback=_blank_is_none,
+                           help="HAM10000 folder [default: the bundled sample].")
+
+
+def _bench_config(config_path: Path, data_dir: str | None, sets: tuple[str, ...]):
+    from skinml.config import load_config
+
+    # Benchmarks never download weights: throughput does not depend on them.
+    items = ["model.pretrained=false", "runtime.progress=false", *sets]
+    if data_dir:
+        items.append(f"data.dir={data_dir}")
+    return load_config(config_path, items)
+
+
+@bench.command("loader")
+@_BENCH_CONFIG
+@_BENCH_DATA
+@_BENCH_SETS
+@click.option("--batches", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=os.cpu_count() or 1, show_default=True,
+              type=click.IntRange(min=0), help="DataLoader workers for the seed's path.")
+def bench_loader(config_path: Path, data_dir: str | None, sets: tuple[str, ...], batches: int,
+                 workers: int) -> None:
+    """Images/s delivered (decoded, augmented, batched): ours vs the seed's per-image path."""
+    from skinml.bench import bench_loader as run
+    from skinml.bench import machine
+
+    config = _bench_config(config_path, data_dir, sets)
+    ours, seed = run(config, batches, workers)
+    click.echo(f"machine: {machine()}; {config.model.image_size} px, batch "
+               f"{config.optim.batch_size}, {batches} batches")
+    for result in (ours, seed):
+        click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
+    click.echo(f"ratio: {ours.per_second / seed.per_second:.1f}x (target >= 20x)")
+
+
+@bench.command("train")
+@_BENCH_CONFIG
+@_BENCH_DATA
+@_BENCH_SETS
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1))
+def bench_train(config_path: Path, data_dir: str | None, sets: tuple[str, ...],
+                steps: int) -> None:
+    """Training images/s end to end vs the same model fed from tensors on the device."""
+    from skinml.bench import bench_train as run
+    from skinml.bench import machine
+
+    config = _bench_config(config_path, data_dir, sets)
+    end_to_end, ceiling = run(config, steps)
+    click.echo(f"machine: {machine()}; {config.model.arch}, {config.model.image_size} px, "
+               f"batch {config.optim.batch_size}, amp {config.runtime.amp}, channels_last "
+               f"{config.runtime.channels_last}, compile {config.runtime.compile}")
+    for result in (end_to_end, ceiling):
+        click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
+    click.echo(f"end to end / ceiling: {100 * end_to_end.per_second / ceiling.per_second:.0f}% "
+               "(target >= 90% on a GPU)")
 
 
 def _summary(root: Path, frame, *, missing: int, unlisted: int, corrupt: int | None) -> str:

@@ -16,11 +16,28 @@ def readme_setup_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_ci_runs_exactly_readmes_setup_commands():
+def test_readme_setup_block_is_install_plus_main_job_then_tests():
+    install_and_run, test = readme_setup_commands()
+    install, main_job = install_and_run.split(" && ")
+    assert install == 'pip install -e ".[dev]"'
+    assert main_job.startswith("mlflow run . --env-manager local")
+    assert test == "python -m pytest"
+
+
+def test_ci_runs_readmes_install_and_test_commands():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
-    assert ci == readme_setup_commands()
-    assert any("pip install" in c for c in ci) and any("pytest" in c for c in ci)
+    install_and_run, test = readme_setup_commands()
+    assert ci == [install_and_run.split(" && ")[0], test]
+
+
+def test_mlproject_main_takes_the_documented_parameters():
+    main = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+    assert set(main["parameters"]) == {"config", "data_dir", "epochs", "image_size",
+                                       "batch_size", "lr", "arch", "balance_strategy",
+                                       "pretrained", "seed", "overrides"}
+    assert main["parameters"]["config"]["default"] == "experiments/demo.yaml"
+    assert main["command"].startswith("python -m skinml train")
 
 
 def test_conda_env_has_the_same_dependencies_as_pyproject():

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -27,16 +27,27 @@ def frame_for(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(size * height / width)), size
 
 
-def open_rgb(path: str | os.PathLike, draft_to: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image completely as RGB; `draft_to` (w, h) lets JPEG decode at reduced scale."""
+def open_rgb(path: str | os.PathLike | BinaryIO, draft_to: tuple[int, int] | None = None,
+             max_pixels: int | None = None) -> Image.Image:
+    """Decode an image completely as RGB; `draft_to` (w, h) lets JPEG decode at reduced scale.
+
+    `max_pixels` refuses larger images before decoding them (a decompression-bomb guard).
+    """
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise CorruptImageError(f"{_name(path)}: image of {image.width}x{image.height} "
+                                        f"pixels is over the limit of {max_pixels:,} pixels")
             if draft_to is not None and image.format == "JPEG":
                 image.draft("RGB", draft_to)
             image.load()
             return image.convert("RGB")
     except _DECODE_ERRORS as exc:
-        raise CorruptImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+        raise CorruptImageError(f"{_name(path)}: cannot decode image ({_reason(exc)})") from None
+
+
+def _name(path: str | os.PathLike | BinaryIO) -> str:
+    return "image" if hasattr(path, "read") else str(path)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

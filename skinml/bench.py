@@ -1,0 +1,171 @@
+"""Benchmarks: our input pipeline against the seed's per-image path, and training vs its ceiling.
+
+Numbers depend on the machine; the CLI prints them with the device and CPU count so they
+can be quoted honestly. Targets: loader >= 20x the seed path, training >= 90% of the
+ceiling on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from skinml.config import Config
+from skinml.data.augment import TrainAugment
+from skinml.data.balance import epoch_order
+from skinml.engine import (
+    OPTIMIZERS,
+    StepTools,
+    autocast_for,
+    build_scheduler,
+    resolve_device,
+    train_one_epoch,
+)
+from skinml.losses import build_loss
+from skinml.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from skinml.train import batches_for, prepare_data
+
+
+@dataclass(frozen=True)
+class Throughput:
+    name: str
+    images: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds
+
+
+class _SeedDataset(Dataset):
+    """The seed project's path: open the JPEG and transform it, per image, every epoch."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, size: int, config) -> None:
+        self.paths, self.labels = paths, labels
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(config.scale_min, config.scale_max)),
+            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+            v2.RandomRotation(config.rotation),
+            v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue),
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB")), int(self.labels[i])
+
+
+def _timed(name: str, batches: Iterator, count: int, device: torch.device, warmup: int = 2
+           ) -> Throughput:
+    images, started = 0, None
+    for i, (x, _) in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            started = time.perf_counter()
+        if i >= warmup:
+            images += len(x)
+        if i + 1 >= warmup + count:
+            break
+    _sync(device)
+    return Throughput(name, images, time.perf_counter() - started)
+
+
+def bench_loader(config: Config, batches: int, workers: int) -> tuple[Throughput, Throughput]:
+    """(ours, seed): images/s decoded, augmented and batched on the training device."""
+    data = prepare_data(config)
+    device = resolve_device(config.runtime.device)
+    train = batches_for(data, "train", config.optim.batch_size, device)
+    augment = TrainAugment(config.augment, config.model.image_size, config.model.crop_pct)
+
+    def ours() -> Iterator:
+        while True:
+            generator = torch.Generator().manual_seed(0)
+            for x, y in train.epoch(epoch_order(train.labels, config.balance, generator)):
+                yield augment(x, y)
+
+    chosen = data.frame[data.split == "train"]
+    seed_set = _SeedDataset(chosen["path"].tolist(), chosen["label"].to_numpy(),
+                            config.model.image_size, config.augment)
+    loader = DataLoader(seed_set, batch_size=config.optim.batch_size, shuffle=True,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0)
+
+    def seed() -> Iterator:
+        while True:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return (_timed("skinml cache + on-device augment", ours(), batches, device),
+            _timed(f"seed: PIL + torchvision per image, {workers} workers", seed(), batches,
+                   device))
+
+
+def bench_train(config: Config, steps: int) -> tuple[Throughput, Throughput]:
+    """(end to end, ceiling): training images/s from the cache vs from tensors on the device."""
+    data = prepare_data(config)
+    device = resolve_device(config.runtime.device)
+    train = batches_for(data, "train", config.optim.batch_size, device)
+    results = []
+    for name, feed in (("end to end (cache -> augment -> step)", "cache"),
+                       ("ceiling (tensors already on the device)", "device")):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(config.model, pretrained=False)).to(device)
+        if config.runtime.channels_last:
+            model.to(memory_format=torch.channels_last)
+        runner = torch.compile(model) if config.runtime.compile else model
+        autocast, scaler = autocast_for(device, config.runtime.amp)
+        optimizer = OPTIMIZERS[config.optim.optimizer](model, config.optim)
+        tools = StepTools(
+            augment=TrainAugment(config.augment, config.model.image_size, config.model.crop_pct),
+            loss_fn=build_loss(config.balance, train.labels).to(device), optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config.optim, steps), autocast=autocast,
+            scaler=scaler, channels_last=config.runtime.channels_last)
+        batches = _cache_batches(train, config) if feed == "cache" else _device_batches(
+            train, config)
+        train_one_epoch(runner, _take(batches, 3), tools)  # warm-up (and compilation)
+        stats = train_one_epoch(runner, _take(batches, steps), tools)
+        results.append(Throughput(name, stats.images, stats.seconds))
+    return results[0], results[1]
+
+
+def _cache_batches(train, config: Config) -> Iterator:
+    while True:
+        generator = torch.Generator().manual_seed(0)
+        yield from train.epoch(epoch_order(train.labels, config.balance, generator),
+                               drop_last=True)
+
+
+def _device_batches(train, config: Config) -> Iterator:
+    # One real batch, kept on the device: no loading at all. The augment still runs in
+    # the step (it is part of the model's work on the device), so only the feed differs.
+    x, y = next(iter(train.epoch(np.arange(config.optim.batch_size))))
+    while True:
+        yield x, y
+
+
+def _take(iterator: Iterator, count: int) -> Iterator:
+    for _, item in zip(range(count), iterator, strict=False):
+        yield item
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine() -> str:
+    device = resolve_device("auto")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"

@@ -1,0 +1,167 @@
+"""The logged pyfunc model: base64 JPEG/PNG in, diagnosis and class probabilities out.
+
+Logged as MLflow "models from code" (`pyfunc_entry.py` builds the model at load time), so
+no pickled object is ever loaded; the weights and their metadata (architecture, classes,
+preprocessing) travel in one plain checkpoint opened with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import shutil
+import tempfile
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from skinml.config import ModelConfig
+from skinml.data.augment import EvalTransform
+from skinml.data.decode import fit_to_frame, open_rgb
+from skinml.errors import SkinmlError
+from skinml.labels import CLASSES, DIAGNOSES
+from skinml.model import build_model
+
+WEIGHTS_FORMAT = 1
+MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
+CHUNK = 64  # images per forward pass: a 10,000-row request does not exhaust memory
+_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pyyaml",
+                 "scikit-learn", "tqdm")
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("string", "diagnosis"),
+                    ColSpec("double", "confidence"),
+                    *[ColSpec("double", f"p_{dx}") for dx in CLASSES]]),
+    params=ParamSchema([ParamSpec("tta", "boolean", False)]),
+)
+
+
+def model_meta(model: ModelConfig, frame: tuple[int, int]) -> dict[str, Any]:
+    """What serving needs to rebuild and feed the network exactly as evaluation did."""
+    return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
+            "image_size": model.image_size, "crop_pct": model.crop_pct,
+            "frame": list(frame)}
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.save({"format": WEIGHTS_FORMAT, "meta": meta, "weights": weights}, path)
+
+
+def encode_image(image_bytes: bytes) -> str:
+    return base64.b64encode(image_bytes).decode("ascii")
+
+
+class SkinLesionModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame column `image` (base64 JPEG/PNG) -> label, diagnosis, confidence, p_*."""
+
+    def load_context(self, context) -> None:
+        payload = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        meta = payload["meta"]
+        if tuple(meta["classes"]) != CLASSES:
+            raise MlflowException(f"model classes {meta['classes']} differ from {CLASSES}")
+        config = ModelConfig(arch=meta["arch"], pretrained=False, image_size=meta["image_size"],
+                             crop_pct=meta["crop_pct"], drop_rate=meta["drop_rate"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.network = build_model(config)
+        self.network.load_state_dict(payload["weights"])
+        self.network.to(self.device).eval()
+        self.transform = EvalTransform(meta["image_size"], meta["crop_pct"]).to(self.device)
+        self.frame = tuple(meta["frame"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+                ) -> pd.DataFrame:
+        images = _image_column(model_input)
+        tta = bool((params or {}).get("tta", False))
+        probs = np.concatenate([self._probabilities(images[i:i + CHUNK], i, tta)
+                                for i in range(0, len(images), CHUNK)])
+        return probability_table(probs)
+
+    @torch.no_grad()
+    def _probabilities(self, encoded: list[Any], offset: int, tta: bool) -> np.ndarray:
+        pixels = np.stack([self._decode(value, offset + i) for i, value in enumerate(encoded)])
+        inputs = self.transform(torch.from_numpy(pixels).to(self.device))
+        views = _dihedral(inputs) if tta else [inputs]
+        probs = torch.stack([self.network(view).float().softmax(1) for view in views]).mean(0)
+        return probs.cpu().numpy().astype(np.float64)
+
+    def _decode(self, value: Any, row: int) -> np.ndarray:
+        if not isinstance(value, str | bytes) or not value:
+            raise _bad_input(f"row {row}: image must be a non-empty base64 string")
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad_input(f"row {row}: image is not valid base64") from None
+        try:
+            image = open_rgb(io.BytesIO(raw), max_pixels=MAX_PIXELS)
+        except SkinmlError as exc:
+            raise _bad_input(f"row {row}: {exc}") from None
+        height, width = self.frame
+        return np.asarray(fit_to_frame(image, height, width))
+
+
+def probability_table(probs: np.ndarray) -> pd.DataFrame:
+    """The served output: label, diagnosis, confidence and p_<class> for each row."""
+    best = probs.argmax(1)
+    table = pd.DataFrame({
+        "label": [CLASSES[i] for i in best],
+        "diagnosis": [DIAGNOSES[CLASSES[i]] for i in best],
+        "confidence": probs[np.arange(len(probs)), best],
+    })
+    for i, dx in enumerate(CLASSES):
+        table[f"p_{dx}"] = probs[:, i]
+    return table
+
+
+def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a square batch (dermoscopy has no canonical orientation)."""
+    rotations = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+    return rotations + [r.flip(3) for r in rotations]
+
+
+def _image_column(model_input: Any) -> list[Any]:
+    if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+        raise _bad_input("input must have a column named 'image' holding base64 JPEG/PNG bytes")
+    if len(model_input) == 0:
+        raise _bad_input("input has no rows: send at least one image")
+    return model_input["image"].tolist()
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def pinned_requirements() -> list[str]:
+    """The running versions of what the model imports (local tags like +cu130 dropped)."""
+    return [f"{name}=={package_metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
+
+
+def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: bytes
+              ) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model named `model` to the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path = Path(tmp) / "weights.pt"
+        save_weights(weights_path, weights, meta)
+        code = Path(tmp) / "skinml"
+        shutil.copytree(Path(__file__).parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "sample", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_ENTRY),
+            artifacts={"weights": str(weights_path)},
+            code_paths=[str(code)],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [encode_image(example_image)]}),
+            pip_requirements=pinned_requirements(),
+        )

@@ -1,0 +1,167 @@
+"""The one place that logs runs to MLflow: params, per-epoch metrics, figures, data, model."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from matplotlib import pyplot as plt
+from mlflow.tracking import MlflowClient
+
+from skinml import metrics, packaging, reports
+from skinml.config import Config
+from skinml.engine import EpochResult
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI opens it in Model training view
+
+
+class TrainingRun:
+    """Logging for one training run; `log_epoch` is the engine's epoch callback."""
+
+    def __init__(self, run: mlflow.ActiveRun, title: str) -> None:
+        self.run = run
+        self.run_id = run.info.run_id
+        self.title = title
+
+    def log_config(self, config: Config) -> None:
+        """The resolved config as params (dotted names) and as config.yaml.
+
+        Keys already on the run (a resumed run, or `mlflow run`'s own entry-point
+        parameters) are left alone: MLflow refuses to change a logged param.
+        """
+        logged = mlflow.get_run(self.run_id).data.params
+        params = {k: "" if v is None else v for k, v in config.flat().items() if k not in logged}
+        if params:
+            mlflow.log_params(params)
+        mlflow.log_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "config.yaml")
+
+    def log_data(self, frame: pd.DataFrame, split: pd.Series, source: str) -> None:
+        """split.csv and one MLflow dataset input (with digest) per split."""
+        table = frame[["image_id", "lesion_id", "dx"]].assign(split=split.to_numpy())
+        mlflow.log_text(table.to_csv(index=False), "split.csv")
+        columns = ["image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex",
+                   "localization"]
+        contexts = {"train": "training", "val": "validation", "test": "testing"}
+        for name, context in contexts.items():
+            subset = frame.loc[split.to_numpy() == name, columns].reset_index(drop=True)
+            with warnings.catch_warnings():
+                # MLflow's hints about int columns and its two local-source readers say
+                # nothing about this data.
+                warnings.filterwarnings("ignore", message=".*(integer column|multiple ways)")
+                dataset = mlflow.data.from_pandas(subset, source=source, targets="label",
+                                                  name=f"ham10000-{name}")
+                mlflow.log_input(dataset, context=context)
+
+    def log_epoch(self, result: EpochResult) -> None:
+        values = {"train_loss": result.train_loss, "val_loss": result.val_loss,
+                  **{f"val_{k}": v for k, v in result.val.items()},
+                  "lr": result.lr, "epoch_seconds": result.epoch_seconds,
+                  "train_images_per_second": result.train_images_per_second}
+        mlflow.log_metrics(_finite(values), step=result.epoch)
+
+    def log_evaluation(self, split: str, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+        """`<split>_*` metrics and the figures and reports of that split."""
+        scores = metrics.compute_metrics(labels, probs)
+        table = metrics.per_class_metrics(labels, probs)
+        per_class = {f"{split}_{metric}_{dx}": value for dx, row in table.iterrows()
+                     for metric, value in row.items() if metric in ("recall", "auc")}
+        mlflow.log_metrics(_finite({**{f"{split}_{k}": v for k, v in scores.items()},
+                                    **per_class}))
+        title = f"{self.title}: {split} split ({len(labels)} images)"
+        figures = {
+            "confusion_matrix.png": reports.confusion_matrix_figure(labels, probs, title),
+            "confusion_matrix_normalized.png": reports.confusion_matrix_figure(
+                labels, probs, title, normalize=True),
+            "roc_curves.png": reports.roc_figure(labels, probs, title),
+            "pr_curves.png": reports.pr_figure(labels, probs, title),
+        }
+        for name, figure in figures.items():
+            mlflow.log_figure(figure, name)
+            plt.close(figure)
+        mlflow.log_text(metrics.classification_report(labels, probs), "classification_report.txt")
+        mlflow.log_dict(metrics.classification_report(labels, probs, as_dict=True),
+                        "classification_report.json")
+        mlflow.log_text(table.to_csv(), "per_class_metrics.csv")
+        return scores
+
+    def log_summary(self, values: dict[str, float]) -> None:
+        mlflow.log_metrics(_finite(values))
+
+    def log_model(self, weights: dict[str, torch.Tensor], meta: dict[str, Any],
+                  example_image: bytes) -> str:
+        info = packaging.log_model(weights, meta, example_image)
+        return info.model_uri
+
+
+@contextlib.contextmanager
+def training_run(config: Config, run_name: str, resume_run_id: str | None = None
+                 ) -> Iterator[TrainingRun]:
+    """Start (or resume) the MLflow run that a training logs into.
+
+    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and keeps its experiment;
+    otherwise the run goes to `runtime.experiment`, created on first use.
+    """
+    system_metrics = importlib.util.find_spec("psutil") is not None
+    if resume_run_id is None and mlflow.active_run() is None and not _launched_by_mlflow_run():
+        mlflow.set_experiment(config.runtime.experiment)
+    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
+                          log_system_metrics=system_metrics) as run:
+        _tag_experiment(run.info.experiment_id)
+        if resume_run_id is None:
+            mlflow.set_tags({"mlflow.runName": run_name, **_git_tags()})
+        yield TrainingRun(run, mlflow.get_run(run.info.run_id).info.run_name)
+
+
+def _launched_by_mlflow_run() -> bool:
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def _tag_experiment(experiment_id: str) -> None:
+    client = MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def _git_tags() -> dict[str, str]:
+    """The commit of the skinml checkout, when there is one (mlflow run adds its own)."""
+    if mlflow.active_run() and "mlflow.source.git.commit" in mlflow.active_run().data.tags:
+        return {}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit.stdout.strip()}
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    """NaN metrics (a class absent from a split) are left out rather than logged as NaN."""
+    return {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
+
+
+def example_image_bytes(path: str, max_side: int = 96) -> bytes:
+    """A small JPEG of a real image, stored with the model as its input example."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

@@ -1,0 +1,128 @@
+"""Orchestrates one training run: data, split, cache, model, engine, tracking, logged model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from skinml.config import Config, ConfigError, build_config
+from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.data.augment import EvalTransform
+from skinml.data.cache import ImageCache, cache_root, prepare_cache
+from skinml.data.loader import CachedBatches
+from skinml.data.metadata import default_data_dir
+from skinml.engine import evaluate, fit, resolve_device, seed_everything
+from skinml.model import build_model
+from skinml.packaging import model_meta
+from skinml.tracking import TrainingRun, example_image_bytes, training_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    best_epoch: int
+    val_balanced_accuracy: float
+    test: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    frame: pd.DataFrame
+    split: pd.Series
+    cache: ImageCache
+    source: str
+
+
+def prepare_data(config: Config) -> PreparedData:
+    """Load the folder, split by lesion (checked for leakage), and open the decode-once cache."""
+    data = config.data
+    source = str(Path(data.dir).expanduser() if data.dir else default_data_dir())
+    frame = load_ham10000(source, allow_missing=data.allow_missing)
+    split = split_by_lesion(frame, val_frac=data.val_frac, test_frac=data.test_frac,
+                            seed=data.split_seed)
+    assert_no_leakage(frame, split)
+    cache = prepare_cache(frame, size=data.cache_size, skip_corrupt=data.skip_corrupt,
+                          workers=config.runtime.workers or None,
+                          progress=config.runtime.progress)
+    kept = ~frame["image_id"].isin(set(cache.skipped))
+    return PreparedData(frame[kept], split[kept], cache, source)
+
+
+def batches_for(data: PreparedData, name: str, batch_size: int, device: torch.device
+                ) -> CachedBatches:
+    chosen = data.frame[data.split == name]
+    return CachedBatches(data.cache.images, data.cache.rows(chosen["image_id"]),
+                         chosen["label"].to_numpy(), batch_size, device)
+
+
+def checkpoint_path(config: Config, run_id: str) -> Path:
+    root = Path(config.runtime.checkpoint_dir or cache_root() / "checkpoints").expanduser()
+    return root / run_id / "last.pt"
+
+
+def train(config: Config, resume_run_id: str | None = None) -> TrainResult:
+    """Train, evaluate the best epoch on the test split, and log everything to MLflow."""
+    if resume_run_id is not None:
+        config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
+    data = prepare_data(config)
+    device = resolve_device(config.runtime.device)
+    batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
+    train_set = batches_for(data, "train", batch, device)
+    val_set = batches_for(data, "val", eval_batch, device)
+    test_set = batches_for(data, "test", eval_batch, device)
+    log.info("training %s on %s: %d train / %d val / %d test images, device %s",
+             config.model.arch, data.source, len(train_set), len(val_set), len(test_set), device)
+    with training_run(config, _run_name(config), resume_run_id) as run:
+        if resume_run_id is None:
+            run.log_config(config)
+            run.log_data(data.frame, data.split, data.source)
+        seed_everything(config.runtime.seed)
+        model = build_model(config.model)
+        outcome = fit(model, train_set, val_set, config, checkpoint_path(config, run.run_id),
+                      on_epoch_end=run.log_epoch, resume=resume_run_id is not None)
+        model.load_state_dict(outcome.best_weights)
+        test = _evaluate_test(run, model, test_set, config)
+        run.log_summary({"best_epoch": outcome.best_epoch,
+                         "best_val_balanced_accuracy": outcome.best_score})
+        model_uri = _log_model(run, model, data, config)
+    return TrainResult(run.run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+
+
+def _evaluate_test(run: TrainingRun, model: torch.nn.Module, test_set: CachedBatches,
+                   config: Config) -> dict[str, float]:
+    transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(test_set.device)
+    output = evaluate(model, test_set.epoch(), transform)
+    scores = run.log_evaluation("test", output.labels, output.probs)
+    log.info("test balanced accuracy %.4f (%d images)", scores["balanced_accuracy"],
+             len(output.labels))
+    return scores
+
+
+def _log_model(run: TrainingRun, model: torch.nn.Module, data: PreparedData,
+               config: Config) -> str:
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
+    example = data.frame.loc[data.split == "test", "path"].iloc[0]
+    return run.log_model(weights, model_meta(config.model, frame_hw),
+                         example_image_bytes(example))
+
+
+def _run_name(config: Config) -> str:
+    if config.runtime.run_name:
+        return config.runtime.run_name
+    return (f"{config.model.arch}-{config.model.image_size}px-{config.balance.strategy}"
+            f"-e{config.optim.epochs}-s{config.runtime.seed}")
+
+
+def _config_of_checkpoint(path: Path) -> Config:
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint to resume at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return build_config(payload["config"], source=str(path))

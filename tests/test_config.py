@@ -1,0 +1,80 @@
+"""Config: YAML + overrides into a validated frozen tree; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from skinml.config import Config, ConfigError, load_config, parse_override
+
+from .data.test_metadata import skinml_cli
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "ham10000.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(EXPERIMENTS / name)
+    assert isinstance(config, Config)
+
+
+def test_full_config_is_the_serious_gpu_recipe():
+    config = load_config(EXPERIMENTS / "ham10000.yaml")
+    assert config.model.arch == "resnext50_32x4d" and config.model.pretrained
+    assert config.model.image_size == 224 and config.runtime.amp == "auto"
+    assert config.optim.epochs >= 20
+
+
+def test_overrides_are_typed_from_yaml():
+    config = load_config(EXPERIMENTS / "demo.yaml", ["balance.strategy=focal", "optim.lr=3e-4",
+                                                     "optim.epochs=2", "model.pretrained=false",
+                                                     "data.dir=/data/HAM10000"])
+    assert config.balance.strategy == "focal"
+    assert config.optim.lr == pytest.approx(3e-4) and config.optim.epochs == 2
+    assert config.data.dir == "/data/HAM10000"
+    assert config.flat()["optim.lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key optim.lrr"),
+    ("optimizer.lr=0.1", "unknown config section 'optimizer'"),
+    ("balance.strategy=magic", "balance.strategy must be one of none, oversample"),
+    ("optim.epochs=0", "optim.epochs must be at least 1"),
+    ("optim.epochs=two", "optim.epochs must be int"),
+    ("optim.epochs=1.5", "optim.epochs must be int"),
+    ("augment.hue=0.9", "augment.hue must be between 0.0 and 0.5"),
+    ("model.arch=resnet18", "model.arch must be one of"),
+    ("augment.scale_min=0.9", "augment.scale_min (0.9) must not exceed"),
+    ("runtime.device=gpu", "runtime.device must be auto, cpu"),
+    ("lr=0.1", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    overrides = [override]
+    if "scale_min" in override:
+        overrides.append("augment.scale_max=0.5")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(EXPERIMENTS / "demo.yaml", overrides)
+
+
+def test_bad_yaml_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_override_keeps_strings():
+    assert parse_override("runtime.run_name=my run") == ("runtime.run_name", "my run")
+
+
+def test_train_cli_exits_2_naming_the_bad_key():
+    result = skinml_cli("train", "--config", str(EXPERIMENTS / "demo.yaml"),
+                        "--set", "balance.gamma=-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {EXPERIMENTS / 'demo.yaml'}: balance.gamma must be between 0.0 and 10.0, "
+        "got -1.0")
+    assert "Traceback" not in result.stderr
