@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -169,3 +170,56 @@ def machine() -> str:
     device = resolve_device("auto")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+@dataclass(frozen=True)
+class ServeLatency:
+    rest_ms: np.ndarray
+    local_ms: np.ndarray
+    rest_batch_images_per_second: float
+    local_batch_images_per_second: float
+
+
+def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
+                ) -> ServeLatency:
+    """One-image latency over REST vs in-process predict, and throughput with `batch` images."""
+    import base64
+    import json
+    import urllib.request
+
+    import pandas as pd
+
+    from skinml.packaging import load_model
+
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    model = load_model(model_uri)
+
+    def post(rows: int) -> None:
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[encoded]] * rows}}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            reply.read()
+
+    def local(rows: int) -> None:
+        model.predict(pd.DataFrame({"image": [encoded] * rows}))
+
+    rest_ms, local_ms = [], []
+    for _ in range(3):  # warm-up
+        post(1)
+        local(1)
+    for _ in range(requests):  # interleaved, so drift hits both alike
+        rest_ms.append(_milliseconds(post, 1))
+        local_ms.append(_milliseconds(local, 1))
+    rounds = max(3, requests // 10)
+    rest_batch = sum(_milliseconds(post, batch) for _ in range(rounds)) / 1000
+    local_batch = sum(_milliseconds(local, batch) for _ in range(rounds)) / 1000
+    return ServeLatency(np.array(rest_ms), np.array(local_ms), batch * rounds / rest_batch,
+                        batch * rounds / local_batch)
+
+
+def _milliseconds(call, rows: int) -> float:
+    started = time.perf_counter()
+    call(rows)
+    return (time.perf_counter() - started) * 1000

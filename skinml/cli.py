@@ -155,6 +155,68 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
                f"{result.test['balanced_accuracy']:.4f}; model {result.model_uri}")
 
 
+@main.command()
+@click.option("--run-id", callback=_blank_is_none, help="Register this run's model.")
+@click.option("--experiment", default="skin-lesion", show_default=True,
+              help="Without --run-id: register the best finished run of this experiment.")
+@click.option("--metric", default="test_balanced_accuracy", show_default=True,
+              help="What 'best' means with --experiment.")
+@click.option("--name", default="skin-lesion-classifier", show_default=True,
+              help="Registered model name.")
+@click.option("--force", is_flag=False, flag_value="true", default="false", type=click.BOOL,
+              help="Make the new version champion even if it is not better.")
+def register(run_id: str | None, experiment: str, metric: str, name: str, force: bool) -> None:
+    """Register a run's model: alias challenger always, champion only when it is better."""
+    from skinml.registry import best_run, register_run
+
+    if run_id is None:
+        run_id = best_run(experiment, metric).info.run_id
+    click.echo(register_run(run_id, name=name, force=force).summary())
+
+
+@main.command()
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True)
+def serve(model_uri: str, port: int, host: str) -> None:
+    """Serve a model over REST: runs `mlflow models serve` with the local environment."""
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", host, "-p", str(port)]
+    click.echo(" ".join(command[1:]), err=True)
+    os.execv(sys.executable, command)
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@click.option("--tta", is_flag=True, help="Average the 8 flips/rotations of each image.")
+@click.option("--isic-csv", type=click.Path(path_type=Path),
+              help="Also write the ISIC 2018 Task 3 submission CSV here.")
+def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
+            isic_csv: Path | None) -> None:
+    """Predict image files with a logged or registered model."""
+    from skinml.packaging import isic_submission, predict_files
+
+    table = predict_files(model_uri, list(images), tta=tta)
+    if isic_csv is not None:
+        _write_atomically(isic_csv, isic_submission(table).to_csv(index=False))
+    if as_json:
+        click.echo(table.reset_index().to_json(orient="records", indent=2))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 20,
+                               "display.float_format", "{:.4f}".format):
+            click.echo(table.to_string())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @main.group()
 def bench() -> None:
     """Measure the input pipeline and training throughput on this machine."""
@@ -220,6 +282,46 @@ def bench_train(config_path: Path, data_dir: str | None, sets: tuple[str, ...],
         click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
     click.echo(f"end to end / ceiling: {100 * end_to_end.per_second / ceiling.per_second:.0f}% "
                "(target >= 90% on a GPU)")
+
+
+@bench.command("serve")
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--url", help="A running server [default: start one on a free port].")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Request image [default: one of the bundled sample].")
+@click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5))
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
+def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
+                batch: int) -> None:
+    """REST latency (p50/p95) vs in-process predict, and batch throughput."""
+    import numpy as np
+
+    from skinml.bench import bench_serve as run
+    from skinml.bench import machine
+    from skinml.data.metadata import default_data_dir
+    from skinml.serving import free_port, start_server, stop_server, wait_ready
+
+    image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
+    server = None
+    if url is None:
+        port = free_port()
+        server = start_server(model_uri, port)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        if server is not None:
+            wait_ready(server, port)
+        result = run(model_uri, image, url.rstrip("/"), count, batch)
+    finally:
+        if server is not None:
+            stop_server(server)
+    rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
+    local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
+    click.echo(f"machine: {machine()}; model {model_uri}; {count} one-image requests")
+    click.echo(f"REST        p50 {rest50:7.1f} ms   p95 {rest95:7.1f} ms   "
+               f"{batch}-image requests {result.rest_batch_images_per_second:8.1f} images/s")
+    click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
+               f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
+    click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x (goal <= 1.25x)")
 
 
 def _summary(root: Path, frame, *, missing: int, unlisted: int, corrupt: int | None) -> str:

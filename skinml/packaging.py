@@ -165,3 +165,35 @@ def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_im
             input_example=pd.DataFrame({"image": [encode_image(example_image)]}),
             pip_requirements=pinned_requirements(),
         )
+
+
+# ISIC 2018 Task 3 submission columns, in the challenge's order.
+ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl",
+                "DF": "df", "VASC": "vasc"}
+
+
+def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """mlflow.pyfunc.load_model with a one-line error for a bad URI."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SkinmlError(f"cannot load model {model_uri}: {reason}") from None
+
+
+def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.DataFrame:
+    """Load a logged or registered model and predict image files; rows indexed by image name."""
+    for path in paths:  # a bad file is named here, not as "row N" of a batch
+        open_rgb(path, max_pixels=MAX_PIXELS)
+    model = load_model(model_uri)
+    frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes()) for p in paths]})
+    table = model.predict(frame, params={"tta": tta})
+    table.index = pd.Index([Path(p).stem for p in paths], name="image")
+    return table
+
+
+def isic_submission(table: pd.DataFrame) -> pd.DataFrame:
+    """ISIC 2018 Task 3 format: image, MEL, NV, BCC, AKIEC, BKL, DF, VASC."""
+    return pd.DataFrame({"image": table.index,
+                         **{column: table[f"p_{dx}"].to_numpy()
+                            for column, dx in ISIC_COLUMNS.items()}})

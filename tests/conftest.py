@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 
@@ -15,38 +17,69 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FULL_METADATA = FIXTURES / "HAM10000_metadata_full.csv"
 
 
+def tiny(data_dir: Path, *extra: str) -> list[str]:
+    """Config overrides for a fast CPU run: 32 px, the small ResNeXt, 2 epochs."""
+    return [f"data.dir={data_dir}", "data.cache_size=40", "model.arch=resnext_small",
+            "model.image_size=32", "optim.epochs=2", "optim.batch_size=16",
+            "optim.warmup_epochs=0.5", "runtime.progress=false", *extra]
+
+
+@contextlib.contextmanager
+def isolated_tracking(folder: Path) -> Iterator[str]:
+    """A fresh SQLite tracking store in `folder`, also the working dir (so ./mlruns is there)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        for leaky in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+            patch.setenv(leaky, "")  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID;
+            patch.delenv(leaky)  # this restores the variable's absence afterwards
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.tracking.fluent._active_experiment_id = None
+
+
+@pytest.fixture
+def tracking(tmp_path: Path) -> Iterator[str]:
+    with isolated_tracking(tmp_path) as uri:
+        yield uri
+
+
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """No test writes to ~/.cache: each gets its own SKINML_CACHE."""
     monkeypatch.setenv("SKINML_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.fixture(scope="session")
-def sample_metadata() -> pd.DataFrame:
-    return pd.read_csv(default_data_dir() / METADATA_FILE)
-
-
-@pytest.fixture
-def make_folder(tmp_path: Path, sample_metadata: pd.DataFrame) -> Callable[..., Path]:
-    """Build a small real HAM10000 folder: `lesions_per_class` whole lesions of each class.
+def build_folder(root: Path, layout: str = "flat", lesions_per_class: int = 3) -> Path:
+    """A small real HAM10000 folder: the first `lesions_per_class` whole lesions of each class.
 
     layout "flat" puts the JPEGs at the root; "parts" splits them over
     HAM10000_images_part_1/ and HAM10000_images_part_2/ as the dataset ships.
     """
+    metadata = pd.read_csv(default_data_dir() / METADATA_FILE)
+    root.mkdir(parents=True)
+    first_lesions = (metadata.drop_duplicates("lesion_id")
+                     .groupby("dx").head(lesions_per_class)["lesion_id"])
+    rows = metadata[metadata["lesion_id"].isin(first_lesions)]
+    for i, image_id in enumerate(rows["image_id"]):
+        folder = root
+        if layout == "parts":
+            folder = root / f"HAM10000_images_part_{1 + i % 2}"
+            folder.mkdir(exist_ok=True)
+        shutil.copy(default_data_dir() / f"{image_id}.jpg", folder / f"{image_id}.jpg")
+    rows.to_csv(root / METADATA_FILE, index=False)
+    return root
+
+
+@pytest.fixture
+def make_folder(tmp_path: Path) -> Callable[..., Path]:
+    """build_folder in this test's tmp_path: make_folder(name, layout, lesions_per_class)."""
 
     def make(name: str = "ham", layout: str = "flat", lesions_per_class: int = 3) -> Path:
-        root = tmp_path / name
-        root.mkdir()
-        first_lesions = (sample_metadata.drop_duplicates("lesion_id")
-                         .groupby("dx").head(lesions_per_class)["lesion_id"])
-        rows = sample_metadata[sample_metadata["lesion_id"].isin(first_lesions)]
-        for i, image_id in enumerate(rows["image_id"]):
-            folder = root
-            if layout == "parts":
-                folder = root / f"HAM10000_images_part_{1 + i % 2}"
-                folder.mkdir(exist_ok=True)
-            shutil.copy(default_data_dir() / f"{image_id}.jpg", folder / f"{image_id}.jpg")
-        rows.to_csv(root / METADATA_FILE, index=False)
-        return root
+        return build_folder(tmp_path / name, layout, lesions_per_class)
 
     return make

@@ -40,6 +40,12 @@ def test_mlproject_main_takes_the_documented_parameters():
     assert main["command"].startswith("python -m skinml train")
 
 
+def test_mlproject_register_mirrors_the_cli_options():
+    register = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["register"]
+    assert set(register["parameters"]) == {"run_id", "experiment", "metric", "name", "force"}
+    assert register["command"].startswith("python -m skinml register")
+
+
 def test_conda_env_has_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())

@@ -22,6 +22,8 @@ from skinml.data.cache import cache_root
 from skinml.labels import CLASSES
 from skinml.train import train
 
+from .conftest import tiny
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
 ARTIFACTS = {"config.yaml", "split.csv", "confusion_matrix.png", "confusion_matrix_normalized.png",
@@ -29,28 +31,6 @@ ARTIFACTS = {"config.yaml", "split.csv", "confusion_matrix.png", "confusion_matr
              "pr_curves.png", "per_class_metrics.csv"}
 EPOCH_METRICS = ["train_loss", "val_loss", "val_balanced_accuracy", "val_accuracy",
                  "val_macro_f1", "val_auc", "lr", "epoch_seconds", "train_images_per_second"]
-
-
-def tiny(data_dir: Path, *extra: str) -> list[str]:
-    """Overrides for a fast CPU run: 32 px, the small ResNeXt, 2 epochs."""
-    return [f"data.dir={data_dir}", "data.cache_size=40", "model.arch=resnext_small",
-            "model.image_size=32", "optim.epochs=2", "optim.batch_size=16",
-            "optim.warmup_epochs=0.5", "runtime.progress=false", *extra]
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SQLite tracking store; the working dir is tmp so ./mlruns lands there too."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for leaky in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-        monkeypatch.setenv(leaky, "")  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID;
-        monkeypatch.delenv(leaky)  # this restores the variable's absence afterwards
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-    mlflow.tracking.fluent._active_experiment_id = None
 
 
 @pytest.fixture

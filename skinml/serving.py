@@ -1,0 +1,60 @@
+"""Start, wait for and stop an `mlflow models serve` process (for benchmarks and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from skinml.errors import SkinmlError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_uri: str, port: int, log_path: Path | None = None) -> subprocess.Popen:
+    """`mlflow models serve` on 127.0.0.1:port in its own process group."""
+    output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
+    """Poll /ping until it answers 200; SkinmlError if the server dies or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SkinmlError(f"model server exited with code {process.returncode} "
+                              "before answering /ping")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise SkinmlError(f"model server on port {port} did not answer /ping in {timeout:.0f} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop the server and its workers by PID (the whole process group)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass

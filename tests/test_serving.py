@@ -1,0 +1,270 @@
+"""Registry to REST: register tiny models, serve the champion with `mlflow models serve`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skinml.config import load_config
+from skinml.labels import CLASSES
+from skinml.registry import CHALLENGER, CHAMPION, register_run
+from skinml.serving import free_port, start_server, stop_server, wait_ready
+from skinml.train import train
+
+from .conftest import build_folder, isolated_tracking, tiny
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+NAME = "skin-lesion-classifier"
+PROBS = [f"p_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two tiny trained runs in one tracking store, the better one registered as champion."""
+    root = tmp_path_factory.mktemp("registry")
+    with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(root / "cache"))
+        folder = build_folder(root / "ham", lesions_per_class=5)
+        runs = [train(load_config(DEMO, tiny(folder, f"runtime.seed={seed}")))
+                for seed in (0, 1)]
+        better, worse = sorted(runs, key=lambda r: -r.test["balanced_accuracy"])
+        first = register_run(better.run_id)
+        yield {"uri": uri, "root": root, "folder": folder, "better": better, "worse": worse,
+               "first": first}
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """`mlflow models serve` of the champion on a free 127.0.0.1 port, stopped by PID."""
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        process = start_server(f"models:/{NAME}@{CHAMPION}", port,
+                               log_path=store["root"] / "server.log")
+    try:
+        wait_ready(process, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
+
+
+def post(url: str, payload, raw: bytes | None = None) -> tuple[int, dict]:
+    body = raw if raw is not None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def ping(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/ping", timeout=10) as reply:
+        return reply.status
+
+
+def encoded(image: Image.Image, fmt: str) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def images(store) -> dict[str, str]:
+    paths = sorted(store["folder"].glob("*.jpg"))
+    jpeg = [base64.b64encode(p.read_bytes()).decode() for p in paths[:4]]
+    photo = Image.open(paths[0])
+    return {"jpeg": jpeg[0], "batch": jpeg, "png": encoded(photo, "PNG"),
+            "rgba": encoded(photo.convert("RGBA"), "PNG"),
+            "grey": encoded(photo.convert("L"), "JPEG"),
+            "large": encoded(photo.resize((1200, 900)), "JPEG")}
+
+
+def test_first_registration_becomes_champion_and_challenger(store):
+    client = mlflow.MlflowClient(store["uri"])
+    version = client.get_model_version_by_alias(NAME, CHAMPION)
+    assert version.version == store["first"].version
+    assert client.get_model_version_by_alias(NAME, CHALLENGER).version == version.version
+    assert version.tags["run_id"] == store["better"].run_id
+    assert float(version.tags["test_balanced_accuracy"]) == pytest.approx(
+        store["better"].test["balanced_accuracy"])
+    assert "ham10000-train:" in version.tags["dataset_digest"]
+    assert "val_balanced_accuracy" in version.tags and version.description
+    assert "no champion yet" in store["first"].reason
+
+
+@pytest.mark.parametrize("form", ["dataframe_split", "dataframe_records", "inputs"])
+def test_all_payload_forms_answer_200_and_match_in_process_predict(server, store, images, form):
+    batch = images["batch"]
+    payload = {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"],
+                                                "data": [[b] for b in batch]}},
+        "dataframe_records": {"dataframe_records": [{"image": b} for b in batch]},
+        "inputs": {"inputs": {"image": batch}},
+    }[form]
+    status, body = post(server, payload)
+    assert status == 200, body
+    served = pd.DataFrame(body["predictions"])
+    np.testing.assert_allclose(served[PROBS].sum(axis=1), 1.0, atol=1e-5)
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").predict(
+        pd.DataFrame({"image": batch}))
+    assert served["label"].tolist() == local["label"].tolist()
+    np.testing.assert_allclose(served[PROBS].to_numpy(), local[PROBS].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "rgba", "grey", "large"])
+def test_any_image_format_and_size_is_served(server, images, kind):
+    status, body = post(server, {"dataframe_split": {"columns": ["image"],
+                                                     "data": [[images[kind]]]}})
+    assert status == 200, body
+    (row,) = body["predictions"]
+    assert row["label"] in CLASSES and row["diagnosis"]
+    assert sum(row[p] for p in PROBS) == pytest.approx(1.0, abs=1e-5)
+    assert row["confidence"] == pytest.approx(max(row[p] for p in PROBS))
+
+
+def test_tta_param_is_accepted(server, images):
+    status, body = post(server, {"dataframe_split": {"columns": ["image"],
+                                                     "data": [[images["jpeg"]]]},
+                                 "params": {"tta": True}})
+    assert status == 200, body
+
+
+def _bomb() -> str:
+    image = Image.new("L", (8000, 8000))  # 64 million pixels, a few kB as PNG
+    return encoded(image, "PNG")
+
+
+BAD_INPUTS = {
+    "not base64": ({"image": ["@@@ not base64 @@@"]}, "row 0: image is not valid base64"),
+    "not an image": ({"image": [base64.b64encode(b"hello, world").decode()]},
+                     "row 0: image: cannot decode image"),
+    "truncated": (None, "row 1: image: cannot decode image"),
+    "pixel bomb": (None, "over the limit of 50,000,000 pixels"),
+    "empty string": ({"image": [""]}, "row 0: image must be a non-empty base64 string"),
+    "missing column": ({"picture": ["abc"]}, "image"),
+    "empty batch": ({"image": []}, "no rows"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_400_with_a_reason_and_the_server_lives_on(server, images, store, case):
+    columns, reason = BAD_INPUTS[case]
+    if case == "truncated":
+        whole = base64.b64decode(images["jpeg"])
+        columns = {"image": [images["jpeg"], base64.b64encode(whole[:len(whole) // 2]).decode()]}
+    if case == "pixel bomb":
+        columns = {"image": [_bomb()]}
+    name = next(iter(columns))
+    payload = {"dataframe_split": {"columns": [name], "data": [[v] for v in columns[name]]}}
+    status, body = post(server, payload)
+    assert status == 400, body
+    assert reason in body.get("message", ""), body
+    assert ping(server) == 200
+
+
+def test_malformed_json_is_400(server):
+    status, _ = post(server, None, raw=b"{not json")
+    assert status == 400
+    assert ping(server) == 200
+
+
+def test_worse_model_is_challenger_only_and_force_moves_champion(store):
+    client = mlflow.MlflowClient(store["uri"])
+    with isolated_tracking(store["root"]):
+        worse = register_run(store["worse"].run_id)
+        assert not worse.champion and "not higher" in worse.reason
+        assert client.get_model_version_by_alias(NAME, CHALLENGER).version == worse.version
+        assert client.get_model_version_by_alias(NAME, CHAMPION).version == \
+            store["first"].version
+        forced = register_run(store["worse"].run_id, force=True)
+        assert forced.champion
+        assert client.get_model_version_by_alias(NAME, CHAMPION).version == forced.version
+        back = register_run(store["better"].run_id)  # strictly better than the forced one?
+        higher = store["better"].test["balanced_accuracy"] > store["worse"].test[
+            "balanced_accuracy"]
+        assert back.champion == higher
+        if not higher:  # equal scores: --force restores the first run's model
+            register_run(store["better"].run_id, force=True)
+
+
+def run_cli(store, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True, text=True,
+                          timeout=300, cwd=store["root"],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
+
+
+def test_register_cli_picks_the_best_run_of_the_experiment(store):
+    result = run_cli(store, "register", "--experiment", "skin-lesion")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"from run {store['better'].run_id}" in result.stdout
+    assert "aliases challenger" in result.stdout
+
+
+def test_register_cli_unknown_run_is_exit_2(store):
+    result = run_cli(store, "register", "--run-id", "0123456789abcdef")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: run 0123456789abcdef does not exist")
+
+
+def test_predict_writes_an_isic_submission(store, tmp_path):
+    paths = [str(p) for p in sorted(store["folder"].glob("*.jpg"))[:3]]
+    out = tmp_path / "submission.csv"
+    result = run_cli(store, "predict", f"models:/{NAME}@{CHAMPION}", *paths,
+                     "--isic-csv", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    submission = pd.read_csv(out)
+    assert list(submission.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert submission["image"].tolist() == [Path(p).stem for p in paths]
+    np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+    assert [r["image"] for r in json.loads(result.stdout)] == submission["image"].tolist()
+
+
+def test_predict_names_a_bad_file(store, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    result = run_cli(store, "predict", f"models:/{NAME}@{CHAMPION}", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr.strip().splitlines()[-1]
+
+
+def test_skinml_serve_runs_mlflow_models_serve(store):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "skinml", "serve", f"models:/{NAME}@{CHAMPION}", "--port",
+         str(port)], env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]},
+        cwd=store["root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        wait_ready(process, port)
+        assert ping(f"http://127.0.0.1:{port}") == 200
+    finally:
+        stop_server(process)
+
+
+def test_mlflow_run_register_entry_point(store):
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["mlflow", "run", str(repo), "-e", "register", "--env-manager", "local",
+         "-P", f"run_id={store['worse'].run_id}"],
+        capture_output=True, text=True, timeout=300, cwd=store["root"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"from run {store['worse'].run_id}" in result.stdout
+    champion = mlflow.MlflowClient(store["uri"]).get_model_version_by_alias(NAME, CHAMPION)
+    assert champion.tags["run_id"] == store["better"].run_id  # not better: champion stays
