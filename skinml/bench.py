@@ -190,6 +190,7 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
     import pandas as pd
 
     from skinml.packaging import load_model
+    from skinml.serving import DIRECT
 
     encoded = base64.b64encode(image.read_bytes()).decode()
     model = load_model(model_uri)
@@ -199,7 +200,7 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
                                                "data": [[encoded]] * rows}}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as reply:
+        with DIRECT.open(request, timeout=120) as reply:
             reply.read()
 
     def local(rows: int) -> None:

@@ -179,6 +179,22 @@ def build_config(tree: dict[str, Any], source: str = "config") -> Config:
     return config
 
 
+def check_key_value(key: str, value: Any, source: str = "config") -> Any:
+    """Validate one `section.key` value against its field; returns the typed value."""
+    section, _, name = key.partition(".")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown config section {section!r} "
+                          f"(valid: {', '.join(sections)})")
+    cls = typing.get_type_hints(Config)[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ConfigError(f"{source}: unknown config key {key} "
+                          f"(valid: {', '.join(sorted(fields))})")
+    return _check_value(key, value, typing.get_type_hints(cls)[name], fields[name].metadata,
+                        source)
+
+
 def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)

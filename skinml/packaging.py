@@ -114,14 +114,12 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
 def probability_table(probs: np.ndarray) -> pd.DataFrame:
     """The served output: label, diagnosis, confidence and p_<class> for each row."""
     best = probs.argmax(1)
-    table = pd.DataFrame({
+    return pd.DataFrame({
         "label": [CLASSES[i] for i in best],
         "diagnosis": [DIAGNOSES[CLASSES[i]] for i in best],
         "confidence": probs[np.arange(len(probs)), best],
+        **{f"p_{dx}": probs[:, i] for i, dx in enumerate(CLASSES)},
     })
-    for i, dx in enumerate(CLASSES):
-        table[f"p_{dx}"] = probs[:, i]
-    return table
 
 
 def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from skinml.errors import SkinmlError
 
+# Local servers are reached directly: an http_proxy in the environment (or one urllib cached
+# when it first opened a URL) must not swallow requests to 127.0.0.1.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -38,7 +42,7 @@ def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> 
             raise SkinmlError(f"model server exited with code {process.returncode} "
                               "before answering /ping")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
+            with DIRECT.open(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):

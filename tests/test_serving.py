@@ -21,7 +21,7 @@ from PIL import Image
 from skinml.config import load_config
 from skinml.labels import CLASSES
 from skinml.registry import CHALLENGER, CHAMPION, register_run
-from skinml.serving import free_port, start_server, stop_server, wait_ready
+from skinml.serving import DIRECT, free_port, start_server, stop_server, wait_ready
 from skinml.train import train
 
 from .conftest import build_folder, isolated_tracking, tiny
@@ -66,14 +66,14 @@ def post(url: str, payload, raw: bytes | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(f"{url}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with DIRECT.open(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
 
 
 def ping(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/ping", timeout=10) as reply:
+    with DIRECT.open(f"{url}/ping", timeout=10) as reply:
         return reply.status
 
 

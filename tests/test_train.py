@@ -170,3 +170,17 @@ def test_mlflow_run_trains_the_project(tracking, small_folder, tmp_path):
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert names >= ARTIFACTS
     assert not (REPO / "mlruns").exists() and not (REPO / "mlflow.db").exists()
+
+
+def test_early_stopping_ends_a_run_without_validation_gain(tracking, small_folder):
+    # An EMA that barely leaves its starting weights scores the same every epoch.
+    overrides = tiny(small_folder, "optim.epochs=5", "optim.ema_decay=0.99999",
+                     "optim.early_stopping_patience=1")
+    result = train(load_config(DEMO, overrides))
+    assert result.best_epoch == 1
+    assert metric_steps(result.run_id, "val_balanced_accuracy") == [1, 2]
+
+
+def test_bf16_autocast_trains_on_the_cpu(tracking, small_folder):
+    result = train(load_config(DEMO, tiny(small_folder, "runtime.amp=bf16", "optim.epochs=1")))
+    assert np.isfinite(mlflow.get_run(result.run_id).data.metrics["train_loss"])

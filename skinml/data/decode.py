@@ -103,5 +103,7 @@ def find_corrupt(paths: Sequence[Path], *, workers: int | None = None,
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a JPEG, PNG or other known image format"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
