@@ -156,6 +156,64 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
 
 
 @main.command()
+@click.option("--config", "config_path", default="experiments/demo.yaml", show_default=True,
+              type=click.Path(path_type=Path), help="Base config; the space overrides it.")
+@click.option("--search-space", default="experiments/search_space.yaml", show_default=True,
+              type=click.Path(path_type=Path))
+@click.option("--n-trials", default=20, show_default=True, type=click.IntRange(min=1),
+              help="COMPLETE trials of the study in total, over all workers and resumes.")
+@click.option("--timeout", callback=_blank_is_none, help="Seconds this worker may run.")
+@click.option("--study-name", default="skin-lesion-tuning", show_default=True)
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage URL, e.g. postgresql://user@host/db for many workers.")
+@click.option("--sampler", default="tpe", show_default=True,
+              type=click.Choice(["tpe", "random"]))
+@click.option("--pruner", default="median", show_default=True,
+              type=click.Choice(["median", "hyperband", "none"]))
+@click.option("--pruner-startup-trials", default=3, show_default=True,
+              type=click.IntRange(min=0), help="median: trials before pruning starts.")
+@click.option("--pruner-warmup-epochs", default=2, show_default=True,
+              type=click.IntRange(min=0), help="median: epochs before a trial can be pruned.")
+@click.option("--register-best", is_flag=False, flag_value="true", default="false",
+              type=click.BOOL, help="Register the best trial's model (challenger/champion).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampler seed.")
+@click.option("--heartbeat-interval", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Seconds between a running trial's heartbeats in the storage.")
+@click.option("--grace-period", default=60, show_default=True, type=click.IntRange(min=2),
+              help="Seconds without heartbeat before a trial counts as dead and is retried.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Base config overrides (e.g. --set optim.epochs=5).")
+@click.option("--overrides", callback=_blank_is_none,
+              help="Space-separated KEY=VALUE base overrides (for MLproject).")
+def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | None,
+         study_name: str, storage: str, sampler: str, pruner: str, pruner_startup_trials: int,
+         pruner_warmup_epochs: int, register_best: bool, seed: int, heartbeat_interval: int,
+         grace_period: int, sets: tuple[str, ...], overrides: str | None) -> None:
+    """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
+    from skinml.tune import TuneOptions
+    from skinml.tune import tune as run_study
+
+    try:
+        seconds = float(timeout) if timeout is not None else None
+    except ValueError:
+        raise click.BadParameter(f"{timeout!r} is not a number of seconds",
+                                 param_hint="--timeout") from None
+    result = run_study(TuneOptions(
+        config=config_path, search_space=search_space, n_trials=n_trials, timeout=seconds,
+        study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+        pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
+        register_best=register_best, seed=seed, heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period, overrides=tuple((overrides or "").split()) + sets))
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())
+    click.echo(f"study {result.study_name}: {counts}; parent run {result.parent_run_id}")
+    if result.best_value is not None:
+        click.echo(f"best val balanced accuracy {result.best_value:.4f} (run "
+                   f"{result.best_run_id}): {result.best_params}")
+    if result.registration:
+        click.echo(result.registration)
+
+
+@main.command()
 @click.option("--run-id", callback=_blank_is_none, help="Register this run's model.")
 @click.option("--experiment", default="skin-lesion", show_default=True,
               help="Without --run-id: register the best finished run of this experiment.")
@@ -163,12 +221,21 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
               help="What 'best' means with --experiment.")
 @click.option("--name", default="skin-lesion-classifier", show_default=True,
               help="Registered model name.")
+@click.option("--study", callback=_blank_is_none,
+              help="Register the best trial of this Optuna study instead.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="The study's storage (with --study).")
 @click.option("--force", is_flag=False, flag_value="true", default="false", type=click.BOOL,
               help="Make the new version champion even if it is not better.")
-def register(run_id: str | None, experiment: str, metric: str, name: str, force: bool) -> None:
+def register(run_id: str | None, experiment: str, metric: str, name: str, study: str | None,
+             storage: str, force: bool) -> None:
     """Register a run's model: alias challenger always, champion only when it is better."""
     from skinml.registry import best_run, register_run
 
+    if run_id is None and study is not None:
+        from skinml.tune import best_run_id
+
+        run_id = best_run_id(study, storage)
     if run_id is None:
         run_id = best_run(experiment, metric).info.run_id
     click.echo(register_run(run_id, name=name, force=force).summary())

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,22 +111,44 @@ class TrainingRun:
 
 
 @contextlib.contextmanager
-def training_run(config: Config, run_name: str, resume_run_id: str | None = None
+def training_run(config: Config, run_name: str, resume_run_id: str | None = None,
+                 nested: bool = False, tags: dict[str, str] | None = None
                  ) -> Iterator[TrainingRun]:
     """Start (or resume) the MLflow run that a training logs into.
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and keeps its experiment;
     otherwise the run goes to `runtime.experiment`, created on first use.
     """
-    system_metrics = importlib.util.find_spec("psutil") is not None
     if resume_run_id is None and mlflow.active_run() is None and not _launched_by_mlflow_run():
         mlflow.set_experiment(config.runtime.experiment)
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
-                          log_system_metrics=system_metrics) as run:
+                          nested=nested, log_system_metrics=_system_metrics()) as run:
         _tag_experiment(run.info.experiment_id)
         if resume_run_id is None:
-            mlflow.set_tags({"mlflow.runName": run_name, **_git_tags()})
+            mlflow.set_tags({"mlflow.runName": run_name, **_git_tags(), **(tags or {})})
         yield TrainingRun(run, mlflow.get_run(run.info.run_id).info.run_name)
+
+
+def _open_store(attempts: int = 5) -> None:
+    """Touch the tracking store once, so its tables exist before any run starts.
+
+    Workers started together on a fresh database race to create MLflow's tables; the
+    loser's CREATE fails on a unique constraint and simply tries again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            MlflowClient().search_experiments(max_results=1)
+            return
+        except Exception as exc:
+            racing = "already exists" in str(exc) or "duplicate key" in str(exc)
+            if not racing or attempt == attempts:
+                raise
+            log.info("tracking tables are being created by another process; retrying")
+            time.sleep(0.5 * attempt)
+
+
+def _system_metrics() -> bool:
+    return importlib.util.find_spec("psutil") is not None
 
 
 def _launched_by_mlflow_run() -> bool:
@@ -165,3 +188,50 @@ def example_image_bytes(path: str, max_side: int = 96) -> bytes:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def study_run(experiment: str, study_name: str, storage: str, options: dict[str, Any]
+              ) -> Iterator[str]:
+    """The parent run of one tuning worker: trials nest under it. Yields its run id.
+
+    Under `mlflow run -e tune` the project's run is the parent.
+    """
+    _open_store()
+    if mlflow.active_run() is None and not _launched_by_mlflow_run():
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=study_name) as run:
+        _tag_experiment(run.info.experiment_id)
+        mlflow.set_tags({"mlflow.runName": study_name, "optuna.study_name": study_name,
+                         "optuna.storage": storage, "skinml.role": "study", **_git_tags()})
+        logged = mlflow.get_run(run.info.run_id).data.params
+        mlflow.log_params({f"tune.{k}": "" if v is None else v for k, v in options.items()
+                           if f"tune.{k}" not in logged and k not in logged})
+        yield run.info.run_id
+
+
+def mark_trial(run_id: str, state: str) -> None:
+    """Mirror an Optuna trial's final state on its run; a pruned run must not look finished."""
+    client = MlflowClient()
+    client.set_tag(run_id, "optuna.trial_state", state)
+    if state == "PRUNED":
+        client.set_terminated(run_id, status="KILLED")
+    elif state == "FAIL":
+        client.set_terminated(run_id, status="FAILED")
+
+
+def log_study_summary(best_value: float | None, best_params: dict[str, Any],
+                      counts: dict[str, int], figures: dict[str, Any],
+                      search_space: str) -> None:
+    """On the active parent run: best value and params, trial counts, Optuna's figures."""
+    values = {f"trials_{state.lower()}": n for state, n in counts.items()}
+    if best_value is not None:
+        values["best_val_balanced_accuracy"] = best_value
+    mlflow.log_metrics(_finite(values))
+    if best_params:
+        mlflow.log_dict(best_params, "best_params.json")
+        mlflow.set_tags({f"best.{k}": str(v) for k, v in best_params.items()})
+    mlflow.log_artifact(search_space)
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, name)
+        plt.close(figure)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from skinml.config import Config, ConfigError, build_config
+from skinml.config import Config, ConfigError, DataConfig, build_config
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
 from skinml.data.augment import EvalTransform
 from skinml.data.cache import ImageCache, cache_root, prepare_cache
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
-from skinml.engine import evaluate, fit, resolve_device, seed_everything
+from skinml.engine import EpochResult, evaluate, fit, resolve_device, seed_everything
 from skinml.model import build_model
 from skinml.packaging import model_meta
 from skinml.tracking import TrainingRun, example_image_bytes, training_run
@@ -34,10 +35,21 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class PreparedData:
+    config: DataConfig
     frame: pd.DataFrame
     split: pd.Series
     cache: ImageCache
     source: str
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """How a run fits into something bigger (a tuning study)."""
+
+    nested: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    on_epoch_end: Callable[[EpochResult], None] | None = None
+    on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id
 
 
 def prepare_data(config: Config) -> PreparedData:
@@ -52,7 +64,7 @@ def prepare_data(config: Config) -> PreparedData:
                           workers=config.runtime.workers or None,
                           progress=config.runtime.progress)
     kept = ~frame["image_id"].isin(set(cache.skipped))
-    return PreparedData(frame[kept], split[kept], cache, source)
+    return PreparedData(data, frame[kept], split[kept], cache, source)
 
 
 def batches_for(data: PreparedData, name: str, batch_size: int, device: torch.device
@@ -67,11 +79,18 @@ def checkpoint_path(config: Config, run_id: str) -> Path:
     return root / run_id / "last.pt"
 
 
-def train(config: Config, resume_run_id: str | None = None) -> TrainResult:
-    """Train, evaluate the best epoch on the test split, and log everything to MLflow."""
+def train(config: Config, resume_run_id: str | None = None, *,
+          data: PreparedData | None = None, hooks: RunHooks | None = None) -> TrainResult:
+    """Train, evaluate the best epoch on the test split, and log everything to MLflow.
+
+    `data` reuses an already prepared data set (tuning trials share one); `hooks` nest the
+    run under an active parent and add a progress callback (pruning).
+    """
+    hooks = hooks or RunHooks()
     if resume_run_id is not None:
         config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
-    data = prepare_data(config)
+    if data is None or data.config != config.data:
+        data = prepare_data(config)
     device = resolve_device(config.runtime.device)
     batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
     train_set = batches_for(data, "train", batch, device)
@@ -79,14 +98,23 @@ def train(config: Config, resume_run_id: str | None = None) -> TrainResult:
     test_set = batches_for(data, "test", eval_batch, device)
     log.info("training %s on %s: %d train / %d val / %d test images, device %s",
              config.model.arch, data.source, len(train_set), len(val_set), len(test_set), device)
-    with training_run(config, _run_name(config), resume_run_id) as run:
+    with training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
+                      tags=hooks.tags) as run:
+        if hooks.on_run_start is not None:
+            hooks.on_run_start(run.run_id)
         if resume_run_id is None:
             run.log_config(config)
             run.log_data(data.frame, data.split, data.source)
         seed_everything(config.runtime.seed)
         model = build_model(config.model)
+
+        def on_epoch_end(result: EpochResult) -> None:
+            run.log_epoch(result)
+            if hooks.on_epoch_end is not None:
+                hooks.on_epoch_end(result)
+
         outcome = fit(model, train_set, val_set, config, checkpoint_path(config, run.run_id),
-                      on_epoch_end=run.log_epoch, resume=resume_run_id is not None)
+                      on_epoch_end=on_epoch_end, resume=resume_run_id is not None)
         model.load_state_dict(outcome.best_weights)
         test = _evaluate_test(run, model, test_set, config)
         run.log_summary({"best_epoch": outcome.best_epoch,

@@ -26,7 +26,7 @@ def test_readme_setup_block_is_install_plus_main_job_then_tests():
 
 def test_ci_runs_readmes_install_and_test_commands():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+          if line.strip() and not line.startswith(("#", "set ", "cd ", "pg_isready"))]
     install_and_run, test = readme_setup_commands()
     assert ci == [install_and_run.split(" && ")[0], test]
 
@@ -44,6 +44,13 @@ def test_mlproject_register_mirrors_the_cli_options():
     register = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["register"]
     assert set(register["parameters"]) == {"run_id", "experiment", "metric", "name", "force"}
     assert register["command"].startswith("python -m skinml register")
+
+
+def test_mlproject_tune_takes_the_issue_parameters():
+    tune = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
+    assert {"config", "search_space", "n_trials", "timeout", "study_name", "storage", "sampler",
+            "pruner", "register_best", "seed"} <= set(tune["parameters"])
+    assert tune["command"].startswith("python -m skinml tune")
 
 
 def test_conda_env_has_the_same_dependencies_as_pyproject():

@@ -1,0 +1,338 @@
+"""Optuna tunes augmentation and class balancing; each trial is a nested MLflow run.
+
+One parent run per worker process, one child run per trial. Many workers (processes or
+machines) share one study through its storage: `n_trials` is the study's total of
+COMPLETE trials, and a worker whose trial would exceed it waits for a running trial to
+finish (or to be failed by the heartbeat and retried) instead of starting a surplus one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from skinml import tracking
+from skinml.config import Config, load_config
+from skinml.engine import EpochResult
+from skinml.errors import SkinmlError
+from skinml.search_space import Dimension, load_search_space
+from skinml.train import PreparedData, RunHooks, prepare_data, train
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ATTR = "mlflow_run_id"
+_STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED",
+                TrialState.FAIL: "FAIL"}
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    config: Path
+    search_space: Path
+    n_trials: int = 20
+    timeout: float | None = None
+    study_name: str = "skin-lesion-tuning"
+    storage: str = "sqlite:///optuna.db"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    pruner_startup_trials: int = 3
+    pruner_warmup_epochs: int = 2
+    register_best: bool = False
+    seed: int = 0
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    study_name: str
+    parent_run_id: str
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_run_id: str | None
+    counts: dict[str, int]
+    registration: str | None
+
+
+SAMPLERS = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+
+PRUNERS = {
+    "median": lambda o: optuna.pruners.MedianPruner(n_startup_trials=o.pruner_startup_trials,
+                                                    n_warmup_steps=o.pruner_warmup_epochs),
+    "hyperband": lambda o: optuna.pruners.HyperbandPruner(min_resource=1),
+    "none": lambda o: optuna.pruners.NopPruner(),
+}
+
+
+def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
+    """Create or load (resume) the study; heartbeats fail and retry a dead worker's trial.
+
+    Workers started together on a fresh database race to create Optuna's tables; the
+    loser's CREATE fails on a unique constraint and simply tries again.
+    """
+    for name, value, registry in (("sampler", options.sampler, SAMPLERS),
+                                  ("pruner", options.pruner, PRUNERS)):
+        if value not in registry:
+            raise SkinmlError(f"--{name} must be one of {', '.join(sorted(registry))}, "
+                              f"got {value!r}")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _open_study(options)
+        except _TableRace:
+            if attempt == attempts:
+                raise SkinmlError(f"cannot create the tables of {masked(options.storage)}: "
+                                  "other workers kept racing") from None
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+class _TableRace(Exception):
+    pass
+
+
+def _open_study(options: TuneOptions) -> optuna.Study:
+    try:
+        storage = RDBStorage(
+            options.storage, heartbeat_interval=options.heartbeat_interval,
+            grace_period=options.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        return optuna.create_study(storage=storage, study_name=options.study_name,
+                                   direction="maximize", load_if_exists=True,
+                                   sampler=SAMPLERS[options.sampler](options.seed),
+                                   pruner=PRUNERS[options.pruner](options))
+    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
+        raise SkinmlError(f"cannot open study {options.study_name!r} at "
+                          f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # SQLAlchemy connection errors and the like
+        if "already exists" in str(exc) or "duplicate key" in str(exc):
+            raise _TableRace() from exc
+        if type(exc).__module__.startswith("sqlalchemy"):
+            raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        raise
+
+
+def tune(options: TuneOptions) -> TuneResult:
+    base = load_config(options.config, list(options.overrides))
+    space = load_search_space(options.search_space)
+    study = open_study(options)
+    data = prepare_data(base)  # the cache is built (or found) once for every trial
+    with tracking.study_run(base.runtime.experiment, options.study_name,
+                            masked(options.storage), _logged_options(options)) as parent:
+        if _complete(study) >= options.n_trials:
+            log.info("study %s already has %d complete trials", options.study_name,
+                     _complete(study))
+        else:
+            objective = _Objective(study, options, space, data)
+            study.optimize(objective, n_trials=None, timeout=options.timeout,
+                           gc_after_trial=True, catch=(SkinmlError,),
+                           callbacks=[optuna.study.MaxTrialsCallback(
+                               options.n_trials, states=(TrialState.COMPLETE,)),
+                               objective.wait_for_room])
+        result = _summarise(study, options, parent)
+    return result
+
+
+class _Objective:
+    """One trial: wait for a slot, sample a config, train it as a nested run."""
+
+    def __init__(self, study: optuna.Study, options: TuneOptions,
+                 space: tuple[Dimension, ...], data: PreparedData) -> None:
+        self.study, self.options, self.space, self.data = study, options, space, data
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self._wait_for_slot(trial)
+        overrides = suggest(trial, self.space)
+        config = load_config(self.options.config, [
+            *self.options.overrides, *overrides,
+            f"runtime.run_name={self.options.study_name}-trial-{trial.number}"])
+        tags = {"optuna.study_name": self.options.study_name,
+                "optuna.trial_number": str(trial.number)}
+        started: list[str] = []
+
+        def on_run_start(run_id: str) -> None:
+            started.append(run_id)
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+        try:
+            result = train(config, data=self.data, hooks=RunHooks(
+                nested=True, tags=tags, on_epoch_end=_reporter(trial, config),
+                on_run_start=on_run_start))
+        except optuna.TrialPruned:
+            if started:
+                tracking.mark_trial(started[0], "PRUNED")
+            raise
+        except BaseException:
+            if started:
+                tracking.mark_trial(started[0], "FAIL")
+            raise
+        tracking.mark_trial(result.run_id, "COMPLETE")
+        trial.set_user_attr("test_balanced_accuracy", result.test["balanced_accuracy"])
+        return result.val_balanced_accuracy
+
+    def wait_for_room(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        """After a trial: ask for another only if running trials leave room below n_trials.
+
+        If other workers' running trials would complete the study, wait for them: they
+        finish (stop here) or die and are retried (then there is room again).
+        """
+        while True:
+            complete, running = self._counts(before=None)
+            if complete >= self.options.n_trials:
+                study.stop()
+                return
+            if complete + running < self.options.n_trials:
+                return
+            self._pause()
+
+    def _wait_for_slot(self, trial: optuna.Trial) -> None:
+        """Start only if COMPLETE + earlier RUNNING trials leave room below n_trials.
+
+        Two workers asking at the same moment both see room; the later trial number waits.
+        """
+        while True:
+            complete, ahead = self._counts(before=trial.number)
+            if complete >= self.options.n_trials:
+                trial.set_user_attr("skinml.surplus", True)
+                self.study.stop()
+                raise optuna.TrialPruned("the study reached its number of trials")
+            if complete + ahead < self.options.n_trials:
+                return
+            self._pause()
+
+    def _counts(self, before: int | None) -> tuple[int, int]:
+        """(COMPLETE, RUNNING) trials, RUNNING only below trial number `before` if given."""
+        fail_stale_trials(self.study)
+        trials = self.study.get_trials(deepcopy=False)
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        running = sum(t.state == TrialState.RUNNING and (before is None or t.number < before)
+                      for t in trials)
+        return complete, running
+
+    def _pause(self) -> None:
+        time.sleep(min(5.0, max(0.5, self.options.heartbeat_interval / 2)))
+
+
+def suggest(trial: optuna.Trial, space: tuple[Dimension, ...]) -> list[str]:
+    """Sample the space; a categorical's own parameters only when that choice is drawn."""
+    overrides = []
+    for dimension in space:
+        if dimension.kind == "float":
+            value = trial.suggest_float(dimension.key, low=dimension.low, high=dimension.high,
+                                        log=dimension.log)
+        elif dimension.kind == "int":
+            value = trial.suggest_int(dimension.key, low=dimension.low, high=dimension.high,
+                                      log=dimension.log)
+        else:
+            value = trial.suggest_categorical(dimension.key, choices=list(dimension.choices))
+        overrides.append(f"{dimension.key}={_yaml_text(value)}")
+        overrides += suggest(trial, dimension.conditional.get(value, ()))
+    return overrides
+
+
+def _reporter(trial: optuna.Trial, config: Config):
+    def report(result: EpochResult) -> None:
+        trial.report(result.val["balanced_accuracy"], step=result.epoch)
+        if result.epoch < config.optim.epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+    return report
+
+
+def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneResult:
+    counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
+              for state, name in _STATE_NAMES.items()}
+    best = _best_trial(study)
+    registration = None
+    if best is not None and options.register_best:
+        from skinml.registry import register_run
+
+        registration = register_run(best.user_attrs[RUN_ID_ATTR]).summary()
+    tracking.log_study_summary(best.value if best else None, best.params if best else {},
+                               counts, _figures(study), str(options.search_space))
+    return TuneResult(options.study_name, parent, best.value if best else None,
+                      best.params if best else {},
+                      best.user_attrs.get(RUN_ID_ATTR) if best else None, counts,
+                      registration)
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if RUN_ID_ATTR in t.user_attrs]
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def best_run_id(study_name: str, storage: str) -> str:
+    """The MLflow run of a study's best complete trial (for `skinml register --study`)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except (KeyError, ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
+        raise SkinmlError(f"cannot load study {study_name!r} from {masked(storage)}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    best = _best_trial(study)
+    if best is None:
+        raise SkinmlError(f"study {study_name!r} has no complete trial with a run")
+    return best.user_attrs[RUN_ID_ATTR]
+
+
+def _figures(study: optuna.Study) -> dict[str, Any]:
+    """Optuna's matplotlib figures; one that cannot be drawn yet (too few trials) is skipped."""
+    from optuna.visualization import matplotlib as plots
+
+    makers = {"optimization_history.png": plots.plot_optimization_history,
+              "param_importances.png": plots.plot_param_importances,
+              "parallel_coordinate.png": plots.plot_parallel_coordinate,
+              "intermediate_values.png": plots.plot_intermediate_values}
+    figures = {}
+    for name, make in makers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" notices and few-trial hints
+                axes = make(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.warning("no %s: %s", name, exc)
+            continue
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = axes.figure
+        figure.set_size_inches(9, 6)
+        figure.suptitle(f"study {study.study_name}")
+        figures[name] = figure
+    return figures
+
+
+def _complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _logged_options(options: TuneOptions) -> dict[str, Any]:
+    return {"n_trials": options.n_trials, "timeout": options.timeout,
+            "sampler": options.sampler, "pruner": options.pruner, "seed": options.seed,
+            "search_space": str(options.search_space), "config": str(options.config)}
+
+
+def masked(url: str) -> str:
+    """The storage URL without its password, fit for tags and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _yaml_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
