@@ -62,8 +62,8 @@ def _dimension(key: str, spec: Any, path: Path) -> Dimension:
         if spec["type"] == "categorical":
             return _categorical(key, spec, path)
         return _numeric(key, spec, where)
-    except ConfigError as exc:
-        raise SearchSpaceError(f"{where}: {exc}") from None
+    except ConfigError as exc:  # already names the file and entry
+        raise SearchSpaceError(str(exc)) from None
 
 
 def _numeric(key: str, spec: dict[str, Any], where: str) -> Dimension:
@@ -71,7 +71,7 @@ def _numeric(key: str, spec: dict[str, Any], where: str) -> Dimension:
         raise SearchSpaceError(f"{where}: {spec['type']} needs low and high")
     if spec["type"] == "int" and not all(isinstance(spec[b], int) for b in ("low", "high")):
         raise SearchSpaceError(f"{where}: int bounds must be whole numbers")
-    low, high = (check_key_value(key, spec[b], source="value") for b in ("low", "high"))
+    low, high = (check_key_value(key, spec[b], source=where) for b in ("low", "high"))
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise SearchSpaceError(f"{where}: log must be true or false")
@@ -89,7 +89,7 @@ def _categorical(key: str, spec: dict[str, Any], path: Path) -> Dimension:
     if isinstance(choices, dict):  # choice -> its own parameters
         conditional = {}
         for choice, children in choices.items():
-            check_key_value(key, choice, source="choice")
+            check_key_value(key, choice, source=where)
             children = children or {}
             if not isinstance(children, dict):
                 raise SearchSpaceError(f"{where}: parameters of choice {choice!r} must be a "
@@ -99,7 +99,7 @@ def _categorical(key: str, spec: dict[str, Any], path: Path) -> Dimension:
     if not isinstance(choices, list) or len(choices) < 1:
         raise SearchSpaceError(f"{where}: categorical needs a non-empty list of choices")
     for choice in choices:
-        check_key_value(key, choice, source="choice")
+        check_key_value(key, choice, source=where)
     return Dimension(key, "categorical", choices=tuple(choices))
 
 
