@@ -139,17 +139,24 @@ _SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "m
               help="Space-separated KEY=VALUE overrides (for MLproject).")
 @click.option("--resume", "resume_run_id", callback=_blank_is_none, metavar="RUN_ID",
               help="Continue a killed run from its last checkpoint.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes (GPUs) on this machine: relaunches itself under torchrun.")
 def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
-          resume_run_id: str | None, **shortcuts: str | None) -> None:
+          resume_run_id: str | None, nproc: int, **shortcuts: str | None) -> None:
     """Train a ResNeXt and log the run, its figures and the model to MLflow."""
     from skinml.config import load_config
     from skinml.train import train as run_training
+
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_under_torchrun(nproc)
 
     items = [f"{_SHORTCUTS[name]}={value}" for name, value in shortcuts.items()
              if value is not None]
     items += (overrides or "").split() + list(sets)
     config = load_config(config_path, items)
     result = run_training(config, resume_run_id=resume_run_id)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports
     click.echo(f"run {result.run_id}: best epoch {result.best_epoch}, val balanced accuracy "
                f"{result.val_balanced_accuracy:.4f}, test balanced accuracy "
                f"{result.test['balanced_accuracy']:.4f}; model {result.model_uri}")
@@ -389,6 +396,22 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
                f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
     click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x (goal <= 1.25x)")
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """`skinml train --nproc N ...` -> `torchrun --nproc_per_node=N -m skinml train ...`."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "skinml", *args]
+    click.echo(" ".join(command[1:]), err=True)
+    os.execv(sys.executable, command)
 
 
 def _summary(root: Path, frame, *, missing: int, unlisted: int, corrupt: int | None) -> str:

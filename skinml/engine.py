@@ -29,6 +29,7 @@ from skinml.config import Config, OptimConfig
 from skinml.data.augment import EvalTransform, TrainAugment
 from skinml.data.balance import epoch_order
 from skinml.data.loader import CachedBatches
+from skinml.distributed import SINGLE, Cluster, gather, shard, sync_buffers, wrap
 from skinml.losses import build_loss
 from skinml.metrics import compute_metrics
 
@@ -221,18 +222,19 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 def fit(model: nn.Module, train: CachedBatches, val: CachedBatches, config: Config,
         checkpoint: Path, on_epoch_end: Callable[[EpochResult], None] | None = None,
-        resume: bool = False) -> FitResult:
+        resume: bool = False, cluster: Cluster = SINGLE) -> FitResult:
     """Train for `config.optim.epochs` (or until early stopping), checkpointing every epoch.
 
     With `resume`, training continues from `checkpoint` and ends exactly where an
-    uninterrupted run would: each epoch's randomness is seeded from (seed, epoch).
+    uninterrupted run would: each epoch's randomness is seeded from (seed, epoch). Under
+    torchrun each rank trains on its shard; only rank 0 writes the checkpoint.
     """
     device, optim = train.device, config.optim
     model.to(device)
     if config.runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    steps = max(1, len(epoch_order(train.labels, config.balance, _generator(config, 0)))
-                // optim.batch_size)
+    first_order = epoch_order(train.labels, config.balance, _generator(config, 0))
+    steps = max(1, len(shard(first_order, cluster)) // optim.batch_size)
     autocast, scaler = autocast_for(device, config.runtime.amp)
     optimizer = OPTIMIZERS[optim.optimizer](model, optim)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(optim.ema_decay),
@@ -247,16 +249,19 @@ def fit(model: nn.Module, train: CachedBatches, val: CachedBatches, config: Conf
     if resume:
         state = load_checkpoint(checkpoint, model, tools)
         log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
-    runner = torch.compile(model) if config.runtime.compile else model
-    transform = EvalTransform(config.model.image_size, config.model.crop_pct)
+    runner = wrap(model, cluster, device)
+    runner = torch.compile(runner) if config.runtime.compile else runner
+    transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(device)
     stopped_early = False
     for epoch in range(state.epoch + 1, optim.epochs + 1):
-        result = _run_epoch(runner, model, train, val, tools, transform, state, epoch, config)
+        result = _run_epoch(runner, model, (train, val), tools, transform, state, epoch,
+                            config, cluster)
         # Report before checkpointing: a crash in between repeats an epoch's (identical)
         # metrics on resume instead of losing them.
         if on_epoch_end is not None:
             on_epoch_end(result)
-        save_checkpoint(checkpoint, model, tools, state, config)
+        if cluster.is_main:
+            save_checkpoint(checkpoint, model, tools, state, config)
         patience = optim.early_stopping_patience
         if patience and state.stale_epochs >= patience and epoch < optim.epochs:
             log.info("early stopping after epoch %d: no val gain for %d epochs", epoch, patience)
@@ -266,19 +271,24 @@ def fit(model: nn.Module, train: CachedBatches, val: CachedBatches, config: Conf
                      stopped_early)
 
 
-def _run_epoch(runner: nn.Module, model: nn.Module, train: CachedBatches, val: CachedBatches,
-               tools: StepTools, transform: EvalTransform, state: TrainingState, epoch: int,
-               config: Config) -> EpochResult:
+def _run_epoch(runner: nn.Module, model: nn.Module,
+               data: tuple[CachedBatches, CachedBatches], tools: StepTools,
+               transform: EvalTransform, state: TrainingState, epoch: int, config: Config,
+               cluster: Cluster) -> EpochResult:
     started = time.perf_counter()
+    train, val = data
     generator = _generator(config, epoch)
-    seed_everything(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    order = epoch_order(train.labels, config.balance, generator)
+    epoch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    order = shard(epoch_order(train.labels, config.balance, generator), cluster)
+    seed_everything(epoch_seed + cluster.rank)  # each rank its own augmentations
     steps = max(1, len(order) // config.optim.batch_size)
     lr = tools.optimizer.param_groups[0]["lr"]
     stats = train_one_epoch(runner, train.epoch(order, drop_last=True), tools, total=steps,
-                            progress=config.runtime.progress)
-    scored = tools.ema.module if tools.ema is not None else runner
-    output = evaluate(scored, val.epoch(), transform, tools.autocast, tools.channels_last)
+                            progress=config.runtime.progress and cluster.is_main)
+    # Evaluate the plain module: DDP's forward would sync buffers across uneven shards.
+    scored = tools.ema.module if tools.ema is not None else model
+    sync_buffers(scored, cluster)
+    output = evaluate_split(scored, val, transform, tools, cluster)
     metrics = compute_metrics(output.labels, output.probs)
     score = metrics["balanced_accuracy"]
     is_best = score > state.best_score
@@ -289,16 +299,43 @@ def _run_epoch(runner: nn.Module, model: nn.Module, train: CachedBatches, val: C
     else:
         state.stale_epochs += 1
     state.epoch = epoch
-    result = EpochResult(epoch=epoch, train_loss=stats.loss, val_loss=output.loss, val=metrics,
-                         lr=lr, epoch_seconds=time.perf_counter() - started,
-                         train_images_per_second=stats.images / max(stats.seconds, 1e-9),
+    train_loss, images = _total(stats.loss * stats.images, stats.images, cluster)
+    result = EpochResult(epoch=epoch, train_loss=train_loss / max(images, 1),
+                         val_loss=output.loss, val=metrics, lr=lr,
+                         epoch_seconds=time.perf_counter() - started,
+                         train_images_per_second=images / max(stats.seconds, 1e-9),
                          is_best=is_best, best_epoch=state.best_epoch,
                          best_score=state.best_score)
-    state.history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": output.loss,
-                          **{f"val_{k}": v for k, v in metrics.items()}})
-    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_balanced_accuracy %.4f%s",
-             epoch, config.optim.epochs, stats.loss, output.loss, score, "  *" if is_best else "")
+    state.history.append({"epoch": epoch, "train_loss": result.train_loss,
+                          "val_loss": output.loss, **{f"val_{k}": v for k, v in metrics.items()}})
+    if cluster.is_main:
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_balanced_accuracy %.4f%s",
+                 epoch, config.optim.epochs, result.train_loss, output.loss, score,
+                 "  *" if is_best else "")
     return result
+
+
+def evaluate_split(model: nn.Module, batches: CachedBatches, transform: EvalTransform,
+                   tools: StepTools | None = None, cluster: Cluster = SINGLE) -> EvalOutput:
+    """`evaluate` over a whole split; under torchrun each rank takes a share, then all gather.
+
+    The result is identical on every rank and covers every image exactly once.
+    """
+    positions = np.arange(len(batches))[cluster.rank::cluster.world_size]
+    autocast = tools.autocast if tools is not None else contextlib.nullcontext
+    channels_last = tools.channels_last if tools is not None else False
+    part = evaluate(model, batches.epoch(positions), transform, autocast, channels_last)
+    pieces = gather((positions, part.probs, part.labels, part.loss * len(part.labels)), cluster)
+    order = np.argsort(np.concatenate([p[0] for p in pieces]), kind="stable")
+    probs = np.concatenate([p[1] for p in pieces if len(p[1])])[order]
+    labels = np.concatenate([p[2] for p in pieces])[order]
+    return EvalOutput(probs, labels, sum(p[3] for p in pieces) / max(len(labels), 1))
+
+
+def _total(loss_sum: float, count: int, cluster: Cluster) -> tuple[float, int]:
+    """Sum of a loss and of images over all ranks (mean-reduce without the division)."""
+    pieces = gather((loss_sum, count), cluster)
+    return sum(p[0] for p in pieces), sum(p[1] for p in pieces)
 
 
 def _generator(config: Config, epoch: int) -> torch.Generator:

@@ -16,7 +16,9 @@ from skinml.data.augment import EvalTransform
 from skinml.data.cache import ImageCache, cache_root, prepare_cache
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
-from skinml.engine import EpochResult, evaluate, fit, resolve_device, seed_everything
+from skinml.distributed import Cluster, barrier, close_cluster, device_for, gather, init_cluster
+from skinml.engine import EpochResult, evaluate_split, fit, resolve_device, seed_everything
+from skinml.metrics import compute_metrics
 from skinml.model import build_model
 from skinml.packaging import model_meta
 from skinml.tracking import TrainingRun, example_image_bytes, training_run
@@ -84,53 +86,86 @@ def train(config: Config, resume_run_id: str | None = None, *,
     """Train, evaluate the best epoch on the test split, and log everything to MLflow.
 
     `data` reuses an already prepared data set (tuning trials share one); `hooks` nest the
-    run under an active parent and add a progress callback (pruning).
+    run under an active parent and add a progress callback (pruning). Under torchrun every
+    rank trains; only rank 0 talks to MLflow.
     """
-    hooks = hooks or RunHooks()
-    if resume_run_id is not None:
-        config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
-    if data is None or data.config != config.data:
-        data = prepare_data(config)
-    device = resolve_device(config.runtime.device)
-    batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
-    train_set = batches_for(data, "train", batch, device)
-    val_set = batches_for(data, "val", eval_batch, device)
-    test_set = batches_for(data, "test", eval_batch, device)
-    log.info("training %s on %s: %d train / %d val / %d test images, device %s",
-             config.model.arch, data.source, len(train_set), len(val_set), len(test_set), device)
-    with training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
-                      tags=hooks.tags) as run:
+    cluster = init_cluster()
+    try:
+        if resume_run_id is not None:
+            config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
+        if data is None or data.config != config.data:
+            data = _prepare_in_turn(config, cluster)
+        device = device_for(cluster, resolve_device(config.runtime.device))
+        batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
+        sets = SplitBatches(*(batches_for(data, name, size, device) for name, size in
+                              (("train", batch), ("val", eval_batch), ("test", eval_batch))))
+        if cluster.is_main:
+            log.info("training %s on %s: %d train / %d val / %d test images, %s, %d process(es)",
+                     config.model.arch, data.source, len(sets.train), len(sets.val),
+                     len(sets.test), device, cluster.world_size)
+        if not cluster.is_main:
+            return _train_run(config, data, sets, None, hooks or RunHooks(), resume_run_id,
+                              cluster)
+        hooks = hooks or RunHooks()
+        with training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
+                          tags=hooks.tags) as run:
+            return _train_run(config, data, sets, run, hooks, resume_run_id, cluster)
+    finally:
+        close_cluster(cluster)
+
+
+@dataclass(frozen=True)
+class SplitBatches:
+    train: CachedBatches
+    val: CachedBatches
+    test: CachedBatches
+
+
+def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: TrainingRun | None,
+               hooks: RunHooks, resume_run_id: str | None, cluster: Cluster) -> TrainResult:
+    """The training proper; `run` is None on the ranks that do not log."""
+    run_id = gather(run.run_id if run else None, cluster)[0]
+    if run is not None:
         if hooks.on_run_start is not None:
             hooks.on_run_start(run.run_id)
         if resume_run_id is None:
             run.log_config(config)
             run.log_data(data.frame, data.split, data.source)
-        seed_everything(config.runtime.seed)
-        model = build_model(config.model)
+    seed_everything(config.runtime.seed)
+    model = build_model(config.model)
 
-        def on_epoch_end(result: EpochResult) -> None:
-            run.log_epoch(result)
-            if hooks.on_epoch_end is not None:
-                hooks.on_epoch_end(result)
+    def on_epoch_end(result: EpochResult) -> None:
+        run.log_epoch(result)
+        if hooks.on_epoch_end is not None:
+            hooks.on_epoch_end(result)
 
-        outcome = fit(model, train_set, val_set, config, checkpoint_path(config, run.run_id),
-                      on_epoch_end=on_epoch_end, resume=resume_run_id is not None)
-        model.load_state_dict(outcome.best_weights)
-        test = _evaluate_test(run, model, test_set, config)
-        run.log_summary({"best_epoch": outcome.best_epoch,
-                         "best_val_balanced_accuracy": outcome.best_score})
-        model_uri = _log_model(run, model, data, config)
-    return TrainResult(run.run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
-
-
-def _evaluate_test(run: TrainingRun, model: torch.nn.Module, test_set: CachedBatches,
-                   config: Config) -> dict[str, float]:
-    transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(test_set.device)
-    output = evaluate(model, test_set.epoch(), transform)
-    scores = run.log_evaluation("test", output.labels, output.probs)
-    log.info("test balanced accuracy %.4f (%d images)", scores["balanced_accuracy"],
+    outcome = fit(model, sets.train, sets.val, config, checkpoint_path(config, run_id),
+                  on_epoch_end=on_epoch_end if run is not None else None,
+                  resume=resume_run_id is not None, cluster=cluster)
+    model.load_state_dict(outcome.best_weights)
+    transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(
+        sets.test.device)
+    output = evaluate_split(model, sets.test, transform, cluster=cluster)
+    if run is None:
+        return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
+                           compute_metrics(output.labels, output.probs))
+    test = run.log_evaluation("test", output.labels, output.probs)
+    log.info("test balanced accuracy %.4f (%d images)", test["balanced_accuracy"],
              len(output.labels))
-    return scores
+    run.log_summary({"best_epoch": outcome.best_epoch,
+                     "best_val_balanced_accuracy": outcome.best_score})
+    model_uri = _log_model(run, model, data, config)
+    return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+
+
+def _prepare_in_turn(config: Config, cluster: Cluster) -> PreparedData:
+    """Rank 0 builds the cache; the other ranks then find it complete and reuse it."""
+    if cluster.is_main:
+        data = prepare_data(config)
+    barrier(cluster)
+    if not cluster.is_main:
+        data = prepare_data(config)
+    return data
 
 
 def _log_model(run: TrainingRun, model: torch.nn.Module, data: PreparedData,

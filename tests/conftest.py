@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,26 @@ def isolated_tracking(folder: Path) -> Iterator[str]:
 def tracking(tmp_path: Path) -> Iterator[str]:
     with isolated_tracking(tmp_path) as uri:
         yield uri
+
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture
+def postgres() -> Iterator[list[str]]:
+    """Two fresh databases on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
+    import psycopg
+
+    names = [f"skinml_test_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                         autocommit=True) as admin:
+        for name in names:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield [f"{PG}/{name}" for name in names]
+        finally:
+            for name in names:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(autouse=True)

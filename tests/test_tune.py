@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -24,7 +23,6 @@ from .conftest import tiny
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
 SPACE = REPO / "experiments" / "search_space.yaml"
-PG = "postgresql://postgres@127.0.0.1:5432"
 
 
 @pytest.fixture(scope="module")
@@ -140,26 +138,6 @@ def test_bad_search_space_exits_2_naming_the_entry(tmp_path, entry, message):
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {space}: {message}")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.db").exists()  # nothing started
-
-
-@pytest.fixture
-def postgres():
-    """Two fresh databases on the PostgreSQL at 127.0.0.1:5432 (Optuna, MLflow), dropped after."""
-    import psycopg
-
-    names = [f"skinml_test_{uuid.uuid4().hex[:10]}" for _ in range(2)]
-    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
-                            autocommit=True)
-    with admin.cursor() as cursor:
-        for name in names:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield [f"{PG}/{name}" for name in names]
-    finally:
-        with admin.cursor() as cursor:
-            for name in names:
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def worker(tmp_path: Path, data: Path, storage: str, tracking_uri: str, n_trials: int,
