@@ -285,6 +285,59 @@ def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
             click.echo(table.to_string())
 
 
+@main.command()
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--data-dir", callback=_blank_is_none,
+              help="HAM10000 folder [default: the training run's, else the bundled sample]; "
+                   "with --split isic the folder of ISIC 2018 images.")
+@click.option("--split", default="test", show_default=True,
+              type=click.Choice(["test", "val", "all", "isic"]),
+              help="test/val: the training run's split.csv; all: every labelled image; "
+                   "isic: ISIC 2018 Task 3 images + --truth.")
+@click.option("--truth", "truth_csv", callback=_blank_is_none,
+              help="ISIC 2018 Task 3 ground truth (image, MEL, NV, BCC, AKIEC, BKL, DF, VASC).")
+@click.option("--tta", is_flag=False, flag_value="true", default="false", type=click.BOOL,
+              help="Average the 8 flips/rotations of each image.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Lesion-bootstrap resamples for the confidence intervals (0 = none).")
+@click.option("--experiment", default="skin-lesion", show_default=True)
+def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | None,
+             tta: bool, bootstrap: int, experiment: str) -> None:
+    """Evaluate a model: metrics with CIs, calibration, subgroups, Grad-CAM, as a new run."""
+    from skinml.evaluate import EvaluateOptions, evaluate_model
+
+    result = evaluate_model(EvaluateOptions(model_uri=model_uri, data_dir=data_dir,
+                                            split=split, tta=tta,
+                                            truth_csv=Path(truth_csv) if truth_csv else None,
+                                            bootstrap=bootstrap, experiment=experiment))
+    from skinml.reports import metrics_markdown
+
+    click.echo(metrics_markdown(result.evaluation.scores, split))
+    click.echo(f"evaluation run {result.run_id} (report: evaluation_report.md)")
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Where to write the Grad-CAM overlay (PNG), same size as IMAGE.")
+def explain(model_uri: str, image: Path, out: Path) -> None:
+    """Grad-CAM overlay of one image: where the model looked for its answer."""
+    from skinml.data.decode import open_rgb
+    from skinml.explain import explain as grad_cam
+    from skinml.labels import CLASSES, DIAGNOSES
+    from skinml.packaging import MAX_PIXELS, load_model
+
+    picture = open_rgb(image, max_pixels=MAX_PIXELS)
+    served = load_model(model_uri).unwrap_python_model()
+    result, index, probability = grad_cam(served, picture)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    result.save(tmp)
+    os.replace(tmp, out)
+    dx = CLASSES[index]
+    click.echo(f"{image.name}: {dx} ({DIAGNOSES[dx]}) {probability:.3f}; overlay {out}")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -110,6 +110,7 @@ class RuntimeConfig:
     experiment: str = _opt("skin-lesion", help="MLflow experiment (unless `mlflow run` chose)")
     run_name: str | None = _opt(None)
     progress: bool = _opt(True, help="tqdm bars")
+    bootstrap: int = _opt(1000, low=0, help="resamples for the test metrics' CIs; 0 = off")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Balanced accuracy (mean per-class recall) is the ISIC 2018 Task 3 metric and the one runs
 are compared by; AUC and average precision are one-vs-rest per class, macro-averaged over
-the classes present in the labels.
+the classes present in the labels. The conventions follow the official ISIC challenge
+scorer (tests compare with it): a tie for the highest probability is no prediction (never
+right), and per-class sensitivity/specificity use p > 0.5.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ from skinml.labels import CLASSES, NUM_CLASSES
 _ALL = list(range(NUM_CLASSES))
 
 
+UNDECIDED = -1  # a row whose highest probability is shared by several classes
+
+
 def predictions(probs: np.ndarray) -> np.ndarray:
-    return np.asarray(probs).argmax(axis=1)
+    """Predicted class per row; UNDECIDED where the maximum is tied (the ISIC convention)."""
+    probs = np.asarray(probs)
+    predicted = probs.argmax(axis=1)
+    tied = (probs == probs.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return np.where(tied, UNDECIDED, predicted)
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -31,8 +40,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         warnings.simplefilter("ignore")  # absent classes: sklearn warns, we report NaN
         table = per_class_metrics(labels, probs)
         return {
-            "balanced_accuracy": float(skm.recall_score(labels, predicted, labels=present,
-                                                        average="macro", zero_division=0)),
+            "balanced_accuracy": balanced_accuracy(labels, probs),
             "accuracy": float(skm.accuracy_score(labels, predicted)),
             "macro_f1": float(skm.f1_score(labels, predicted, labels=present, average="macro",
                                            zero_division=0)),
@@ -47,9 +55,13 @@ def per_class_metrics(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         labels, predictions(probs), labels=_ALL, zero_division=0)
-    auc, ap = [], []
+    auc, ap, sensitivity, specificity = [], [], [], []
     for cls in _ALL:
         positive = labels == cls
+        above = probs[:, cls] > 0.5
+        # undefined when a side is empty: 1.0, as the ISIC scorer counts it
+        sensitivity.append(float(above[positive].mean()) if positive.any() else 1.0)
+        specificity.append(float((~above[~positive]).mean()) if (~positive).any() else 1.0)
         if positive.all() or not positive.any():
             auc.append(np.nan)
             ap.append(np.nan)
@@ -57,8 +69,116 @@ def per_class_metrics(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
         auc.append(skm.roc_auc_score(positive, probs[:, cls]))
         ap.append(skm.average_precision_score(positive, probs[:, cls]))
     return pd.DataFrame({"precision": precision, "recall": recall, "f1": f1,
-                         "support": support, "auc": auc, "average_precision": ap},
+                         "support": support, "auc": auc, "average_precision": ap,
+                         "sensitivity_p50": sensitivity, "specificity_p50": specificity},
                         index=pd.Index(CLASSES, name="class"))
+
+
+def negative_log_likelihood(labels: np.ndarray, probs: np.ndarray) -> float:
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    return float(-np.log(probs[np.arange(len(labels)), labels]).mean())
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |accuracy - confidence| per confidence bin, weighted by bin size."""
+    table = reliability(labels, probs, bins)
+    return float((table["count"] * (table["accuracy"] - table["confidence"]).abs()).sum()
+                 / max(len(labels), 1))
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """Per confidence bin: count, mean confidence and accuracy of the top-label prediction."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        chosen = which == b
+        rows.append({"low": edges[b], "high": edges[b + 1], "count": int(chosen.sum()),
+                     "confidence": float(confidence[chosen].mean()) if chosen.any() else 0.0,
+                     "accuracy": float(correct[chosen].mean()) if chosen.any() else 0.0})
+    return pd.DataFrame(rows)
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray,
+                 statistic, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile confidence interval of `statistic(labels, probs)`, resampling whole groups.
+
+    Groups are lesions: images of one lesion are not independent, so resampling images
+    would make the interval too narrow.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+    rng = np.random.default_rng(seed)
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n_boot):
+            rows = np.concatenate([members[g] for g in rng.integers(0, len(members),
+                                                                    len(members))])
+            value = statistic(labels[rows], probs[rows])
+            if np.isfinite(value):
+                values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (ties count as wrong)."""
+    present = np.unique(labels)
+    return float(skm.recall_score(labels, predictions(probs), labels=present, average="macro",
+                                  zero_division=0))
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean one-vs-rest ROC AUC over the classes with both positives and negatives."""
+    aucs = [skm.roc_auc_score(labels == c, probs[:, c]) for c in np.unique(labels)
+            if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+AGE_BANDS = (("<30", 0, 30), ("30-49", 30, 50), ("50-69", 50, 70), (">=70", 70, 200))
+SMALL_GROUP = 30  # images; below this a subgroup's numbers are flagged, not hidden
+
+
+def age_band(age: float) -> str:
+    if age is None or not np.isfinite(age):
+        return "unknown"
+    return next(name for name, low, high in AGE_BANDS if low <= age < high)
+
+
+def subgroup_metrics(labels: np.ndarray, probs: np.ndarray, attributes: pd.DataFrame
+                     ) -> pd.DataFrame:
+    """Balanced accuracy, per-class sensitivity and counts for every group of every attribute.
+
+    `attributes` has one column per attribute (sex, age_band, localization), row-aligned
+    with `labels`; groups under SMALL_GROUP images are flagged `small`.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    predicted = predictions(probs)
+    rows = []
+    for attribute in attributes.columns:
+        values = attributes[attribute].astype(str).to_numpy()
+        for group in sorted(set(values)):
+            chosen = values == group
+            row = {"attribute": attribute, "group": group, "images": int(chosen.sum()),
+                   "small": bool(chosen.sum() < SMALL_GROUP),
+                   "balanced_accuracy": compute_metrics(labels[chosen],
+                                                        probs[chosen])["balanced_accuracy"]}
+            for cls, name in enumerate(CLASSES):
+                positive = chosen & (labels == cls)
+                row[f"n_{name}"] = int(positive.sum())
+                row[f"sensitivity_{name}"] = (float((predicted[positive] == cls).mean())
+                                              if positive.any() else np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def confusion(labels: np.ndarray, probs: np.ndarray, normalize: bool = False) -> np.ndarray:

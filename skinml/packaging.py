@@ -48,11 +48,16 @@ SIGNATURE = ModelSignature(
 )
 
 
-def model_meta(model: ModelConfig, frame: tuple[int, int]) -> dict[str, Any]:
-    """What serving needs to rebuild and feed the network exactly as evaluation did."""
+def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 1.0
+               ) -> dict[str, Any]:
+    """What serving needs to rebuild and feed the network exactly as evaluation did.
+
+    `temperature` (fitted on validation) divides the logits, so served probabilities are
+    calibrated.
+    """
     return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
             "image_size": model.image_size, "crop_pct": model.crop_pct,
-            "frame": list(frame)}
+            "frame": list(frame), "temperature": float(temperature)}
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -79,6 +84,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.network.to(self.device).eval()
         self.transform = EvalTransform(meta["image_size"], meta["crop_pct"]).to(self.device)
         self.frame = tuple(meta["frame"])
+        self.temperature = float(meta.get("temperature", 1.0))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
@@ -93,7 +99,8 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         pixels = np.stack([self._decode(value, offset + i) for i, value in enumerate(encoded)])
         inputs = self.transform(torch.from_numpy(pixels).to(self.device))
         views = _dihedral(inputs) if tta else [inputs]
-        probs = torch.stack([self.network(view).float().softmax(1) for view in views]).mean(0)
+        probs = torch.stack([(self.network(view).float() / self.temperature).softmax(1)
+                             for view in views]).mean(0)
         return probs.cpu().numpy().astype(np.float64)
 
     def _decode(self, value: Any, row: int) -> np.ndarray:
@@ -103,11 +110,13 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise _bad_input(f"row {row}: image is not valid base64") from None
+        height, width = self.frame
         try:
-            image = open_rgb(io.BytesIO(raw), max_pixels=MAX_PIXELS)
+            # Decoded exactly as the training cache decoded it (same JPEG draft scale).
+            image = open_rgb(io.BytesIO(raw), draft_to=(2 * width, 2 * height),
+                             max_pixels=MAX_PIXELS)
         except SkinmlError as exc:
             raise _bad_input(f"row {row}: {exc}") from None
-        height, width = self.frame
         return np.asarray(fit_to_frame(image, height, width))
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from skinml import model_card
 from skinml.errors import SkinmlError
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, force: bool = False) -> 
         raise RegistryError(f"run {run_id} has no logged model to register")
     version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=_version_tags(run))
     client.update_model_version(name, version.version, description=_description(run, score))
+    _attach_model_card(client, run, name, version.version)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     promote, reason = _decide(client, name, score, force)
     if promote:
@@ -99,6 +104,54 @@ def champion(client: MlflowClient, name: str):
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str) -> None:
+    """model_card.md into the registered model's own artifacts (and a tag pointing at it)."""
+    card = model_card.render(name, version, run.info.run_id, run.info.run_name,
+                             run.data.params, run.data.metrics,
+                             _run_table(client, run.info.run_id, "subgroups.csv"),
+                             _split_counts(client, run.info.run_id))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model_card.md"
+        path.write_text(card)
+        client.log_model_artifact(run.outputs.model_outputs[0].model_id, str(path))
+    client.set_model_version_tag(name, version, "model_card", "model_card.md")
+
+
+def _run_table(client: MlflowClient, run_id: str, artifact: str) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(client.download_artifacts(run_id, artifact))
+    except (MlflowException, OSError):
+        return None
+
+
+def _split_counts(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
+    split = _run_table(client, run_id, "split.csv")
+    if split is None:
+        return None
+    counts = pd.crosstab(split["dx"], split["split"]).reindex(columns=["train", "val", "test"],
+                                                              fill_value=0)
+    counts.loc["total"] = counts.sum()
+    return counts
+
+
+def source_run_id(model_uri: str) -> str:
+    """The training run behind runs:/ID/..., models:/NAME/VERSION, @ALIAS or models:/m-ID."""
+    client = MlflowClient()
+    try:
+        if model_uri.startswith("runs:/"):
+            return model_uri.removeprefix("runs:/").split("/", 1)[0]
+        target = model_uri.removeprefix("models:/")
+        if target.startswith("m-"):
+            return client.get_logged_model(target.split("/", 1)[0]).source_run_id
+        if "@" in target:
+            model, alias = target.split("@", 1)
+            return client.get_model_version_by_alias(model, alias).run_id
+        model, version = target.rsplit("/", 1)
+        return client.get_model_version(model, version).run_id
+    except (MlflowException, ValueError):
+        raise RegistryError(f"cannot find the run behind model {model_uri}") from None
 
 
 def _get_run(client: MlflowClient, run_id: str) -> Run:

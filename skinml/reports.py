@@ -53,3 +53,98 @@ def _curves(labels: np.ndarray, probs: np.ndarray, title: str, roc: bool) -> Fig
     axes.set_title(f"{title}\n{'ROC, one-vs-rest' if roc else 'precision-recall, one-vs-rest'}")
     axes.legend(loc="lower right" if roc else "lower left", fontsize="small")
     return figure
+
+
+def reliability_figure(labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray,
+                       temperature: float, title: str) -> Figure:
+    """Reliability diagram before and after temperature scaling."""
+    from skinml.metrics import expected_calibration_error, reliability
+
+    figure, axes = plt.subplots(figsize=(7, 6.5), layout="constrained")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    for name, probs in (("before", uncalibrated), (f"after (T = {temperature:.2f})", calibrated)):
+        table = reliability(labels, probs)
+        table = table[table["count"] > 0]
+        ece = expected_calibration_error(labels, probs)
+        axes.plot(table["confidence"], table["accuracy"], marker="o",
+                  label=f"{name}: ECE {ece:.3f}")
+    axes.set_xlabel("confidence (top-label probability)")
+    axes.set_ylabel("accuracy")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_title(f"{title}\nreliability diagram")
+    axes.legend(loc="upper left")
+    return figure
+
+
+def subgroup_figure(table, title: str) -> Figure:
+    """Balanced accuracy per subgroup; groups under 30 images are hatched and marked."""
+    attributes = list(dict.fromkeys(table["attribute"]))
+    figure, all_axes = plt.subplots(len(attributes), 1, layout="constrained",
+                                    figsize=(8, 1.2 + 0.35 * len(table)),
+                                    height_ratios=[max(1, (table["attribute"] == a).sum())
+                                                   for a in attributes], squeeze=False)
+    for axes, attribute in zip(all_axes[:, 0], attributes, strict=True):
+        rows = table[table["attribute"] == attribute]
+        bars = axes.barh([f"{g} (n={n}){' *' if s else ''}" for g, n, s in
+                          zip(rows["group"], rows["images"], rows["small"], strict=True)],
+                         rows["balanced_accuracy"].fillna(0), color="tab:blue")
+        for bar, small in zip(bars, rows["small"], strict=True):
+            if small:
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
+        axes.set_xlim(0, 1)
+        axes.set_title(attribute, loc="left", fontsize="medium")
+        axes.invert_yaxis()
+    all_axes[-1, 0].set_xlabel("balanced accuracy (* = fewer than 30 images: read with care)")
+    figure.suptitle(f"{title}: subgroups")
+    return figure
+
+
+def metrics_markdown(scores: dict[str, float], split: str) -> str:
+    """The headline numbers with their 95 % bootstrap intervals, as a Markdown table."""
+    def ci(name: str) -> str:
+        low, high = scores.get(f"{name}_ci_low"), scores.get(f"{name}_ci_high")
+        return f" ({low:.3f}-{high:.3f})" if low is not None and high is not None else ""
+
+    rows = [("balanced accuracy (ISIC 2018 metric)",
+             f"{scores['balanced_accuracy']:.3f}{ci('balanced_accuracy')}"),
+            ("macro ROC AUC", f"{scores['auc']:.3f}{ci('auc')}"),
+            ("macro average precision", f"{scores['average_precision']:.3f}"),
+            ("accuracy", f"{scores['accuracy']:.3f}"),
+            ("macro F1", f"{scores['macro_f1']:.3f}")]
+    if "ece" in scores:
+        rows += [("expected calibration error, before / after temperature scaling",
+                  f"{scores['ece_uncalibrated']:.3f} / {scores['ece']:.3f}"),
+                 ("negative log-likelihood, before / after",
+                  f"{scores['nll_uncalibrated']:.3f} / {scores['nll']:.3f}"),
+                 ("temperature", f"{scores['temperature']:.3f}")]
+    lines = [f"| {split} split | value (95 % CI, lesion bootstrap) |", "|---|---|"]
+    return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+
+
+def table_markdown(frame, float_format: str = "{:.3f}") -> str:
+    """A DataFrame as a Markdown table (no optional tabulate dependency)."""
+    columns = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in frame.iterrows():
+        cells = [float_format.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gradcam_grid(rows, title: str) -> Figure:
+    """rows[i] = [(PIL image, caption), ...]: one row per class of Grad-CAM overlays."""
+    columns = max((len(r) for r in rows), default=1) or 1
+    figure, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 2.6 * len(rows)),
+                                layout="constrained", squeeze=False)
+    for row_axes, cells, name in zip(axes, rows, CLASSES, strict=True):
+        for ax in row_axes:
+            ax.axis("off")
+        for ax, (picture, caption) in zip(row_axes, cells, strict=False):
+            ax.imshow(picture)
+            ax.set_title(caption, fontsize="small")
+        if not cells:
+            row_axes[0].text(0.5, 0.5, f"no {name} images", ha="center", va="center")
+    figure.suptitle(f"{title}\nGrad-CAM: where the model looked")
+    return figure

@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from skinml import metrics, packaging, reports
 from skinml.config import Config
 from skinml.engine import EpochResult
+from skinml.errors import SkinmlError
+from skinml.evaluation import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +78,13 @@ class TrainingRun:
                   "train_images_per_second": result.train_images_per_second}
         mlflow.log_metrics(_finite(values), step=result.epoch)
 
-    def log_evaluation(self, split: str, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-        """`<split>_*` metrics and the figures and reports of that split."""
-        scores = metrics.compute_metrics(labels, probs)
-        table = metrics.per_class_metrics(labels, probs)
+    def log_evaluation(self, evaluation: Evaluation) -> dict[str, float]:
+        """`<split>_*` metrics (with CIs and calibration), figures, reports, subgroups."""
+        split, labels, probs = evaluation.split, evaluation.labels, evaluation.probs
+        table = evaluation.per_class
         per_class = {f"{split}_{metric}_{dx}": value for dx, row in table.iterrows()
                      for metric, value in row.items() if metric in ("recall", "auc")}
-        mlflow.log_metrics(_finite({**{f"{split}_{k}": v for k, v in scores.items()},
+        mlflow.log_metrics(_finite({**{f"{split}_{k}": v for k, v in evaluation.scores.items()},
                                     **per_class}))
         title = f"{self.title}: {split} split ({len(labels)} images)"
         figures = {
@@ -91,15 +93,26 @@ class TrainingRun:
                 labels, probs, title, normalize=True),
             "roc_curves.png": reports.roc_figure(labels, probs, title),
             "pr_curves.png": reports.pr_figure(labels, probs, title),
+            "reliability_diagram.png": reports.reliability_figure(
+                labels, evaluation.uncalibrated, probs, evaluation.temperature, title),
         }
-        for name, figure in figures.items():
-            mlflow.log_figure(figure, name)
-            plt.close(figure)
+        if evaluation.subgroups is not None:
+            figures["subgroups.png"] = reports.subgroup_figure(evaluation.subgroups, title)
+            mlflow.log_text(evaluation.subgroups.to_csv(index=False), "subgroups.csv")
+        self.log_figures(figures)
         mlflow.log_text(metrics.classification_report(labels, probs), "classification_report.txt")
         mlflow.log_dict(metrics.classification_report(labels, probs, as_dict=True),
                         "classification_report.json")
         mlflow.log_text(table.to_csv(), "per_class_metrics.csv")
-        return scores
+        return evaluation.scores
+
+    def log_figures(self, figures: dict[str, Any]) -> None:
+        for name, figure in figures.items():
+            mlflow.log_figure(figure, name)
+            plt.close(figure)
+
+    def log_text(self, text: str, name: str) -> None:
+        mlflow.log_text(text, name)
 
     def log_summary(self, values: dict[str, float]) -> None:
         mlflow.log_metrics(_finite(values))
@@ -235,3 +248,34 @@ def log_study_summary(best_value: float | None, best_params: dict[str, Any],
     for name, figure in figures.items():
         mlflow.log_figure(figure, name)
         plt.close(figure)
+
+
+@contextlib.contextmanager
+def evaluation_run(options, source_run: str | None) -> Iterator[TrainingRun]:
+    """The run an evaluation logs into, tagged with the model it judged."""
+    if mlflow.active_run() is None and not _launched_by_mlflow_run():
+        mlflow.set_experiment(options.experiment)
+    name = f"evaluate-{options.split}-{options.model_uri.rsplit('/', 1)[-1]}"
+    with mlflow.start_run(run_name=name) as run:
+        _tag_experiment(run.info.experiment_id)
+        tags = {"mlflow.runName": name, "skinml.role": "evaluation",
+                "skinml.model_uri": options.model_uri, **_git_tags()}
+        if source_run:
+            tags["skinml.source_run_id"] = source_run
+        mlflow.set_tags(tags)
+        mlflow.log_params({"eval.split": options.split, "eval.tta": options.tta,
+                           "eval.bootstrap": options.bootstrap,
+                           "eval.data_dir": options.data_dir or "",
+                           "eval.truth_csv": str(options.truth_csv or "")})
+        yield TrainingRun(run, name)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.params
+
+
+def download_run_artifact(run_id: str, path: str) -> str:
+    try:
+        return MlflowClient().download_artifacts(run_id, path)
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise SkinmlError(f"run {run_id} has no artifact {path}") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from skinml.calibration import fit_temperature
 from skinml.config import Config, ConfigError, DataConfig, build_config
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
 from skinml.data.augment import EvalTransform
@@ -18,6 +19,7 @@ from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
 from skinml.distributed import Cluster, barrier, close_cluster, device_for, gather, init_cluster
 from skinml.engine import EpochResult, evaluate_split, fit, resolve_device, seed_everything
+from skinml.evaluation import evaluate_predictions, subgroup_attributes
 from skinml.metrics import compute_metrics
 from skinml.model import build_model
 from skinml.packaging import model_meta
@@ -145,16 +147,24 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: Trai
     model.load_state_dict(outcome.best_weights)
     transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(
         sets.test.device)
+    # Temperature scaling is fitted on validation, never on the test split it is judged on.
+    val = evaluate_split(model, sets.val, transform, cluster=cluster)
+    temperature = fit_temperature(val.probs, val.labels)
     output = evaluate_split(model, sets.test, transform, cluster=cluster)
     if run is None:
         return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
                            compute_metrics(output.labels, output.probs))
-    test = run.log_evaluation("test", output.labels, output.probs)
-    log.info("test balanced accuracy %.4f (%d images)", test["balanced_accuracy"],
-             len(output.labels))
+    rows = data.frame[data.split == "test"]
+    evaluation = evaluate_predictions("test", output.labels, output.probs, temperature,
+                                      groups=rows["lesion_id"].to_numpy(),
+                                      attributes=subgroup_attributes(rows),
+                                      n_boot=config.runtime.bootstrap, seed=config.runtime.seed)
+    test = run.log_evaluation(evaluation)
+    log.info("test balanced accuracy %.4f (%d images), temperature %.2f",
+             test["balanced_accuracy"], len(output.labels), temperature)
     run.log_summary({"best_epoch": outcome.best_epoch,
                      "best_val_balanced_accuracy": outcome.best_score})
-    model_uri = _log_model(run, model, data, config)
+    model_uri = _log_model(run, model, data, config, temperature)
     return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
 
 
@@ -169,11 +179,11 @@ def _prepare_in_turn(config: Config, cluster: Cluster) -> PreparedData:
 
 
 def _log_model(run: TrainingRun, model: torch.nn.Module, data: PreparedData,
-               config: Config) -> str:
+               config: Config, temperature: float) -> str:
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
     example = data.frame.loc[data.split == "test", "path"].iloc[0]
-    return run.log_model(weights, model_meta(config.model, frame_hw),
+    return run.log_model(weights, model_meta(config.model, frame_hw, temperature),
                          example_image_bytes(example))
 
 

@@ -22,7 +22,7 @@ def tiny(data_dir: Path, *extra: str) -> list[str]:
     """Config overrides for a fast CPU run: 32 px, the small ResNeXt, 2 epochs."""
     return [f"data.dir={data_dir}", "data.cache_size=40", "model.arch=resnext_small",
             "model.image_size=32", "optim.epochs=2", "optim.batch_size=16",
-            "optim.warmup_epochs=0.5", "runtime.progress=false", *extra]
+            "optim.warmup_epochs=0.5", "runtime.progress=false", "runtime.bootstrap=50", *extra]
 
 
 @contextlib.contextmanager

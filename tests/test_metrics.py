@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from skinml.labels import CLASSES
 from skinml.metrics import classification_report, compute_metrics, confusion, per_class_metrics
 
 rng = np.random.default_rng(0)
@@ -39,3 +40,120 @@ def test_report_names_the_classes():
     report = classification_report(LABELS, PROBS)
     assert "akiec" in report and "vasc" in report
     assert set(classification_report(LABELS, PROBS, as_dict=True)) >= {"mel", "macro avg"}
+
+
+# --- agreement with the official ISIC challenge scorer (PyPI isic-challenge-scoring) ---
+
+ISIC_ORDER = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+# isic-challenge-scoring 5.6.0 (the newest) calls DataFrame.applymap, which pandas 3 renamed
+# to DataFrame.map (same behaviour); the alias lets the official code run unchanged.
+SCORER_PANDAS_ALIAS = "import pandas; pandas.DataFrame.applymap = pandas.DataFrame.map"
+
+
+@pytest.fixture(autouse=True)
+def _scorer_runs_on_pandas_3(monkeypatch):
+    import pandas as pd
+
+    if not hasattr(pd.DataFrame, "applymap"):
+        monkeypatch.setattr(pd.DataFrame, "applymap", pd.DataFrame.map, raising=False)
+
+
+def official_score(labels: np.ndarray, probs: np.ndarray):
+    import io
+
+    import pandas as pd
+    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+
+    from skinml.labels import CLASSES
+
+    images = [f"ISIC_{i:07d}" for i in range(len(labels))]
+    truth = pd.DataFrame({"image": images, **{c: (labels == CLASSES.index(c.lower()))
+                                              .astype(float) for c in ISIC_ORDER}})
+    prediction = pd.DataFrame({"image": images, **{c: probs[:, CLASSES.index(c.lower())]
+                                                   for c in ISIC_ORDER}})
+    return ClassificationScore.from_stream(io.StringIO(truth.to_csv(index=False)),
+                                           io.StringIO(prediction.to_csv(index=False,
+                                                                         float_format="%.17e")),
+                                           ClassificationMetric.BALANCED_ACCURACY)
+
+
+def adversarial_cases():
+    rng = np.random.default_rng(7)
+    labels = np.tile(np.arange(7), 30)
+    random = rng.dirichlet(np.ones(7), len(labels))
+    rounded = np.round(random, 1)  # many ties, some for the maximum
+    uniform = np.full((len(labels), 7), 1 / 7)  # every row a 7-way tie
+    one_hot = np.eye(7)[rng.integers(0, 7, len(labels))]
+    half = np.where(rng.random((len(labels), 7)) < 0.5, 0.5, 0.25)  # exactly at p = 0.5
+    skewed = rng.dirichlet(np.full(7, 0.05), len(labels))  # near-degenerate, very confident
+    return {"random": (labels, random), "ties": (labels, rounded), "uniform": (labels, uniform),
+            "one-hot": (labels, one_hot), "half": (labels, half), "skewed": (labels, skewed)}
+
+
+@pytest.mark.parametrize("case", list(adversarial_cases()))
+def test_metrics_equal_the_official_isic_scorer(case):
+    from skinml.labels import CLASSES
+
+    labels, probs = adversarial_cases()[case]
+    official = official_score(labels, probs)
+    ours = compute_metrics(labels, probs)
+    table = per_class_metrics(labels, probs)
+    assert ours["balanced_accuracy"] == pytest.approx(
+        official.aggregate["balanced_accuracy"], abs=1e-9)
+    assert ours["auc"] == pytest.approx(official.macro_average["auc"], abs=1e-9)
+    assert ours["average_precision"] == pytest.approx(official.macro_average["ap"], abs=1e-9)
+    per_category = official.per_category.set_index(official.per_category.index.str.lower())
+    for column, theirs in [("auc", "auc"), ("average_precision", "ap"),
+                           ("sensitivity_p50", "sensitivity"),
+                           ("specificity_p50", "specificity")]:
+        np.testing.assert_allclose(table.loc[list(CLASSES), column].to_numpy(),
+                                   per_category.loc[list(CLASSES), theirs].to_numpy(),
+                                   atol=1e-9, err_msg=column)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_data():
+    from skinml.metrics import balanced_accuracy, bootstrap_ci
+
+    rng = np.random.default_rng(1)
+
+    def sample(lesions: int):
+        groups = np.repeat(np.arange(lesions), 2)  # two images per lesion
+        labels = np.repeat(rng.integers(0, 7, lesions), 2)
+        probs = rng.dirichlet(np.ones(7), len(labels))
+        hit = rng.random(len(labels)) < 0.6
+        probs[hit, labels[hit]] += 2
+        return labels, probs / probs.sum(1, keepdims=True), groups
+
+    widths = []
+    for lesions in (60, 600):
+        labels, probs, groups = sample(lesions)
+        low, high = bootstrap_ci(labels, probs, groups, balanced_accuracy, n_boot=300)
+        assert low <= balanced_accuracy(labels, probs) <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+
+
+def test_subgroup_table_sums_to_the_whole():
+    import pandas as pd
+
+    from skinml.metrics import subgroup_metrics
+
+    rng = np.random.default_rng(2)
+    attributes = pd.DataFrame({"sex": rng.choice(["male", "female", "unknown"], 200),
+                               "age_band": rng.choice(["<30", "30-49", ">=70"], 200)})
+    table = subgroup_metrics(LABELS, PROBS, attributes)
+    for _, groups in table.groupby("attribute"):
+        assert groups["images"].sum() == len(LABELS)
+        assert groups[[f"n_{c}" for c in CLASSES]].sum().sum() == len(LABELS)
+    assert (table["small"] == (table["images"] < 30)).all()
+
+
+def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
+    from skinml.metrics import expected_calibration_error
+
+    labels = np.zeros(1000, dtype=int)
+    confident = np.tile([[0.6] + [0.4 / 6] * 6], (1000, 1))
+    labels[:400] = 1  # 60 % right at 60 % confidence: calibrated
+    assert expected_calibration_error(labels, confident) == pytest.approx(0.0, abs=1e-9)
+    overconfident = np.tile([[0.99] + [0.01 / 6] * 6], (1000, 1))
+    assert expected_calibration_error(labels, overconfident) == pytest.approx(0.39, abs=1e-6)

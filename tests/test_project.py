@@ -53,6 +53,13 @@ def test_mlproject_tune_takes_the_issue_parameters():
     assert tune["command"].startswith("python -m skinml tune")
 
 
+def test_mlproject_evaluate_mirrors_the_cli():
+    evaluate = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["evaluate"]
+    assert set(evaluate["parameters"]) == {"model_uri", "data_dir", "split", "truth", "tta",
+                                           "bootstrap"}
+    assert evaluate["command"].startswith("python -m skinml evaluate")
+
+
 def test_conda_env_has_the_same_dependencies_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())

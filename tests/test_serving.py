@@ -268,3 +268,134 @@ def test_mlflow_run_register_entry_point(store):
     assert f"from run {store['worse'].run_id}" in result.stdout
     champion = mlflow.MlflowClient(store["uri"]).get_model_version_by_alias(NAME, CHAMPION)
     assert champion.tags["run_id"] == store["better"].run_id  # not better: champion stays
+
+
+def test_every_registered_version_carries_a_model_card(store):
+    client = mlflow.MlflowClient(store["uri"])
+    with isolated_tracking(store["root"]):
+        version = store["first"].version
+        assert client.get_model_version(NAME, version).tags["model_card"] == "model_card.md"
+        path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}/model_card.md")
+    card = Path(path).read_text()
+    for heading in ("## Intended use", "## Not intended for", "## Training data and split",
+                    "## Test metrics", "## Subgroups", "## Known limitations"):
+        assert heading in card
+    assert "not a medical device" in card and "Dermoscopic images only" in card
+    assert "balanced accuracy (ISIC 2018 metric)" in card and "95 % CI" in card
+    assert "| sex | female |" in card or "| sex | male |" in card
+
+
+# --- skinml evaluate / explain on the registered model ---------------------------------
+
+SCORER = ("import pandas; pandas.DataFrame.applymap = pandas.DataFrame.map; "
+          "from isic_challenge_scoring.__main__ import cli; cli()")
+
+
+def test_evaluate_reproduces_the_training_runs_test_metrics(store):
+    result = run_cli(store, "evaluate", f"models:/{NAME}@{CHAMPION}", "--bootstrap", "50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "balanced accuracy (ISIC 2018 metric)" in result.stdout
+    run_id = result.stdout.split("evaluation run ")[1].split()[0]
+    client = mlflow.MlflowClient(store["uri"])
+    run = client.get_run(run_id)
+    assert run.data.tags["skinml.role"] == "evaluation"
+    assert run.data.tags["skinml.model_uri"] == f"models:/{NAME}@{CHAMPION}"
+    trained = client.get_run(run.data.tags["skinml.source_run_id"]).data.metrics
+    # the served model on the run's own test split gives the run's test numbers
+    for key in ("test_balanced_accuracy", "test_auc", "test_ece", "test_temperature"):
+        assert run.data.metrics[key] == pytest.approx(trained[key], abs=1e-6), key
+    m = run.data.metrics
+    assert m["test_balanced_accuracy_ci_low"] <= m["test_balanced_accuracy"] <= \
+        m["test_balanced_accuracy_ci_high"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"evaluation_report.md", "gradcam_grid.png", "reliability_diagram.png",
+            "subgroups.csv", "subgroups.png", "confusion_matrix.png", "predictions.csv",
+            "classification_report.txt"} <= artifacts
+    report = Path(client.download_artifacts(run_id, "evaluation_report.md")).read_text()
+    assert "## Subgroups" in report and "lesion" in report
+
+
+@pytest.fixture(scope="module")
+def isic_folder(store, tmp_path_factory) -> tuple[Path, Path]:
+    """ISIC 2018 Task 3 layout: a folder of JPEGs and the one-hot ground truth CSV."""
+    from skinml.data.synth import write_synthetic
+
+    synthetic = write_synthetic(tmp_path_factory.mktemp("isic") / "synth", 42, seed=4,
+                                width=64, height=48, progress=False)
+    metadata = pd.read_csv(synthetic / "HAM10000_metadata.csv")
+    images = synthetic.parent / "ISIC2018_Task3_Test_Input"
+    images.mkdir()
+    for image_id in metadata["image_id"]:
+        (synthetic / f"{image_id}.jpg").rename(images / f"{image_id}.jpg")
+    truth = pd.DataFrame({"image": metadata["image_id"],
+                          **{c: (metadata["dx"] == c.lower()).astype(float)
+                             for c in ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]}})
+    truth_csv = synthetic.parent / "ISIC2018_Task3_Test_GroundTruth.csv"
+    truth.to_csv(truth_csv, index=False)
+    return images, truth_csv
+
+
+def test_evaluate_on_an_isic_2018_folder_agrees_with_the_official_scorer(store, isic_folder,
+                                                                         tmp_path):
+    images, truth_csv = isic_folder
+    result = run_cli(store, "evaluate", f"models:/{NAME}@{CHAMPION}", "--split", "isic",
+                     "--data-dir", str(images), "--truth", str(truth_csv), "--bootstrap", "20",
+                     "--tta")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = result.stdout.split("evaluation run ")[1].split()[0]
+    client = mlflow.MlflowClient(store["uri"])
+    run = client.get_run(run_id)
+    assert run.data.params["eval.tta"] == "True"
+    ours = run.data.metrics["isic_balanced_accuracy"]
+    predictions = pd.read_csv(client.download_artifacts(run_id, "predictions.csv"))
+    submission = pd.DataFrame({"image": predictions["image_id"],
+                               **{c: predictions[f"p_{c.lower()}"] for c in
+                                  ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]}})
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    scored = subprocess.run([sys.executable, "-c", SCORER, "-o", "json", "classification",
+                             str(truth_csv), str(tmp_path / "submission.csv")],
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stderr
+    official = json.loads(scored.stdout)["aggregate"]["balanced_accuracy"]
+    assert ours == pytest.approx(official, abs=1e-9)
+
+
+def test_evaluate_refuses_a_bad_ground_truth_file(store, isic_folder, tmp_path):
+    images, truth_csv = isic_folder
+    bad = tmp_path / "truth.csv"
+    pd.read_csv(truth_csv).drop(columns="VASC").to_csv(bad, index=False)
+    result = run_cli(store, "evaluate", f"models:/{NAME}@{CHAMPION}", "--split", "isic",
+                     "--data-dir", str(images), "--truth", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {bad}: missing column(s) VASC"
+
+
+def test_explain_writes_an_overlay_of_the_images_size(store, tmp_path):
+    photo = Image.open(next(store["folder"].glob("*.jpg"))).resize((301, 217))
+    source = tmp_path / "odd.png"
+    photo.save(source)
+    out = tmp_path / "overlay.png"
+    result = run_cli(store, "explain", f"models:/{NAME}@{CHAMPION}", str(source), "--out",
+                     str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(out).size == (301, 217)
+    assert any(c in result.stdout for c in CLASSES)
+
+
+def test_predict_isic_csv_is_accepted_by_the_official_scorer(store, tmp_path):
+    metadata = pd.read_csv(store["folder"] / "HAM10000_metadata.csv")
+    one_per_class = metadata.groupby("dx").head(1)
+    paths = [str(store["folder"] / f"{i}.jpg") for i in one_per_class["image_id"]]
+    submission = tmp_path / "submission.csv"
+    result = run_cli(store, "predict", f"models:/{NAME}@{CHAMPION}", *paths,
+                     "--isic-csv", str(submission))
+    assert result.returncode == 0, result.stderr[-2000:]
+    truth = pd.DataFrame({"image": one_per_class["image_id"],
+                          **{c: (one_per_class["dx"] == c.lower()).astype(float)
+                             for c in ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]}})
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    scored = subprocess.run([sys.executable, "-c", SCORER, "classification",
+                             str(tmp_path / "truth.csv"), str(submission)],
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stderr
+    assert "balanced_accuracy" in scored.stdout

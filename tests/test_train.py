@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
 ARTIFACTS = {"config.yaml", "split.csv", "confusion_matrix.png", "confusion_matrix_normalized.png",
              "classification_report.txt", "classification_report.json", "roc_curves.png",
-             "pr_curves.png", "per_class_metrics.csv"}
+             "pr_curves.png", "per_class_metrics.csv", "reliability_diagram.png",
+             "subgroups.csv", "subgroups.png"}
 EPOCH_METRICS = ["train_loss", "val_loss", "val_balanced_accuracy", "val_accuracy",
                  "val_macro_f1", "val_auc", "lr", "epoch_seconds", "train_images_per_second"]
 
@@ -58,13 +59,20 @@ def test_train_logs_a_complete_run(tracking, small_folder):
     for key in EPOCH_METRICS:
         assert metric_steps(result.run_id, key) == [1, 2], key
     assert {"test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc",
-            "test_average_precision"} <= set(run.data.metrics)
+            "test_average_precision", "test_ece", "test_ece_uncalibrated", "test_nll",
+            "test_temperature"} <= set(run.data.metrics)
+    m = run.data.metrics
+    assert m["test_balanced_accuracy_ci_low"] <= m["test_balanced_accuracy"] <= \
+        m["test_balanced_accuracy_ci_high"]
     assert run.data.params["balance.strategy"] == "sampler"
     assert run.data.params["model.image_size"] == "32"
     assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == [
         "ham10000-test", "ham10000-train", "ham10000-val"]
     split = pd.read_csv(client.download_artifacts(result.run_id, "split.csv"))
     assert (split.groupby("lesion_id")["split"].nunique() == 1).all()
+    subgroups = pd.read_csv(client.download_artifacts(result.run_id, "subgroups.csv"))
+    for _, rows in subgroups.groupby("attribute"):
+        assert rows["images"].sum() == len(split[split["split"] == "test"])
 
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     images = sorted(small_folder.glob("*.jpg"))[:3]

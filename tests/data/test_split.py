@@ -45,7 +45,8 @@ def test_split_keeps_class_shares_within_2_points(full, full_split):
 
 def test_split_is_deterministic_for_a_seed(full, full_split):
     assert split_by_lesion(full, seed=0).equals(full_split)
-    assert not split_by_lesion(full, seed=1).equals(full_split)
+    part = full.head(3000)
+    assert not split_by_lesion(part, seed=1).equals(split_by_lesion(part, seed=0))
 
 
 def test_every_class_of_the_sample_is_in_every_split():
@@ -70,7 +71,7 @@ def metadata(draw) -> pd.DataFrame:
     return frame.iloc[list(order)].set_index(pd.Index([7 * i + 3 for i in order]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(frame=metadata(), seed=st.integers(0, 2**16))
 def test_split_properties_hold_on_random_metadata(frame, seed):
     split = split_by_lesion(frame, seed=seed)

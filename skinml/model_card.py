@@ -1,0 +1,73 @@
+"""The model card attached to every registered version: what the model is for, what it was
+trained and tested on, how good it is (with intervals), how calibrated, for whom it works
+less well, and what it cannot do."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from skinml.labels import CLASSES, DIAGNOSES
+from skinml.reports import metrics_markdown, table_markdown
+
+
+def render(name: str, version: str, run_id: str, run_name: str, params: dict[str, str],
+           metrics: dict[str, float], subgroups: pd.DataFrame | None,
+           split_counts: pd.DataFrame | None) -> str:
+    """Markdown text of the card, from a training (or evaluation) run's record."""
+    test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    p = params.get
+    temperature = (f"T = {test['temperature']:.3f}" if "temperature" in test
+                   else "not recorded for this run")
+    sections = [
+        f"# Model card: {name} version {version}",
+        "## Model",
+        f"- Architecture: {p('model.arch', '?')}, input {p('model.image_size', '?')} px "
+        f"(resize to image_size / {p('model.crop_pct', '?')}, centre crop), "
+        f"ImageNet weights: {p('model.pretrained', '?')}.",
+        f"- Trained in MLflow run `{run_id}` ({run_name}); balancing "
+        f"`{params.get('balance.strategy', '?')}`, {params.get('optim.epochs', '?')} epochs, "
+        f"best epoch {int(metrics.get('best_epoch', 0))}.",
+        "- Output: probabilities for " + ", ".join(f"{c} ({DIAGNOSES[c]})" for c in CLASSES)
+        + f"; temperature-scaled on the validation split ({temperature}).",
+        "## Intended use",
+        "- Research on automated classification of **dermoscopic** images of pigmented skin "
+        "lesions: benchmarking, method development, teaching.",
+        "## Not intended for",
+        "- Diagnosis, triage or any clinical decision: this is not a medical device and has "
+        "not been validated as one.",
+        "- Clinical (non-dermoscopic) photographs, images of other body sites or modalities, "
+        "and lesion types outside the seven HAM10000 classes.",
+        "## Training data and split",
+        f"- HAM10000 folder `{params.get('data.dir') or 'bundled 660-image sample'}`, split by "
+        f"lesion (no lesion in two splits), stratified by diagnosis: val fraction "
+        f"{params.get('data.val_frac', '?')}, test fraction {params.get('data.test_frac', '?')}, "
+        f"split seed {params.get('data.split_seed', '?')}.",
+    ]
+    if split_counts is not None:
+        sections.append(table_markdown(split_counts.reset_index(), "{:.0f}"))
+    sections += ["## Test metrics (lesion-grouped test split)"]
+    if "balanced_accuracy" in test and "auc" in test:
+        sections.append(metrics_markdown(test, "test"))
+    else:
+        sections.append("No test metrics were recorded for this run.")
+    sections += ["## Subgroups",
+                 "Balanced accuracy and per-class sensitivity by sex, age band and body site; "
+                 "groups with fewer than 30 images are marked small: their numbers are "
+                 "unreliable, not hidden."]
+    if subgroups is not None:
+        columns = ["attribute", "group", "images", "small", "balanced_accuracy",
+                   "sensitivity_mel", "sensitivity_bcc", "sensitivity_nv"]
+        sections.append(table_markdown(subgroups[[c for c in columns if c in subgroups]]))
+    else:
+        sections.append("No subgroup table was recorded for this run.")
+    sections += [
+        "## Known limitations",
+        "- Dermoscopic images only; accuracy on smartphone or clinical photographs is unknown.",
+        "- HAM10000 comes from two sites (Vienna, Queensland) and mostly light skin types; "
+        "performance on darker skin (Fitzpatrick IV-VI) is not established.",
+        "- Class imbalance: nv is two thirds of the data; rare classes (df, vasc) have few "
+        "test lesions, so their numbers carry wide uncertainty.",
+        "- No external validation unless an evaluation run on another data set says "
+        "otherwise (`skinml evaluate`).",
+    ]
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,35 @@
+"""Temperature scaling on a constructed over-confident model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skinml.calibration import apply_temperature, fit_temperature
+from skinml.metrics import expected_calibration_error, negative_log_likelihood, predictions
+
+
+def overconfident(n: int = 4000, sharpen: float = 4.0, seed: int = 0):
+    """Labels drawn from softmax(z), probabilities reported as softmax(sharpen * z)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 7))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(7, p=p) for p in true])
+    sharp = np.exp(sharpen * logits)
+    return labels, sharp / sharp.sum(1, keepdims=True)
+
+
+def test_temperature_scaling_lowers_nll_and_finds_the_sharpening():
+    labels, probs = overconfident()
+    temperature = fit_temperature(probs, labels)
+    calibrated = apply_temperature(probs, temperature)
+    assert temperature == pytest.approx(4.0, rel=0.15)
+    assert negative_log_likelihood(labels, calibrated) < negative_log_likelihood(labels, probs)
+    assert expected_calibration_error(labels, calibrated) < expected_calibration_error(
+        labels, probs) / 3
+    assert (predictions(calibrated) == predictions(probs)).all()  # no decision changes
+
+
+def test_temperature_one_changes_nothing():
+    labels, probs = overconfident(n=100)
+    np.testing.assert_allclose(apply_temperature(probs, 1.0), probs, atol=1e-12)
