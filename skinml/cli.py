@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -331,16 +332,17 @@ def explain(model_uri: str, image: Path, out: Path) -> None:
     picture = open_rgb(image, max_pixels=MAX_PIXELS)
     served = load_model(model_uri).unwrap_python_model()
     result, index, probability = grad_cam(served, picture)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    result.save(tmp)
-    os.replace(tmp, out)
+    buffer = io.BytesIO()
+    result.save(buffer, format="PNG")
+    _write_atomically(out, buffer.getvalue())
     dx = CLASSES[index]
     click.echo(f"{image.name}: {dx} ({DIAGNOSES[dx]}) {probability:.3f}; overlay {out}")
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: no half-written file is ever left."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 

@@ -53,6 +53,8 @@ class EvaluateResult:
 def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     if options.split not in SPLITS:
         raise SkinmlError(f"--split must be one of {', '.join(SPLITS)}, got {options.split!r}")
+    if options.split == "isic" and (options.truth_csv is None or options.data_dir is None):
+        raise SkinmlError("--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES")
     model = load_model(options.model_uri)
     served = model.unwrap_python_model()
     source = source_run_id(options.model_uri) if options.split in ("test", "val") else None
@@ -87,7 +89,9 @@ def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.Data
     frame = load_ham10000(data_dir or default_data_dir())
     if options.split == "all":
         return frame
-    split = pd.read_csv(tracking.download_run_artifact(source_run, "split.csv"))
+    split = tracking.run_table(source_run, "split.csv")
+    if split is None:
+        raise SkinmlError(f"run {source_run} has no split.csv: it is not a skinml training run")
     wanted = split.loc[split["split"] == options.split, "image_id"]
     missing = sorted(set(wanted) - set(frame["image_id"]))
     if missing:
@@ -99,8 +103,6 @@ def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.Data
 
 def _isic_images(options: EvaluateOptions) -> pd.DataFrame:
     """ISIC 2018 Task 3: image folder + ground-truth CSV (image, MEL, NV, ... one-hot)."""
-    if options.truth_csv is None or options.data_dir is None:
-        raise SkinmlError("--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES")
     path = Path(options.truth_csv)
     try:
         truth = pd.read_csv(path)

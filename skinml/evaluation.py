@@ -49,7 +49,8 @@ def evaluate_predictions(split: str, labels: np.ndarray, uncalibrated: np.ndarra
     """Everything reported about `split`; `groups` are lesion ids (what the bootstrap resamples)."""
     labels = np.asarray(labels)
     probs = apply_temperature(uncalibrated, temperature)
-    scores = compute_metrics(labels, probs)
+    per_class = per_class_metrics(labels, probs)
+    scores = compute_metrics(labels, probs, per_class)
     if n_boot:
         for name, statistic in (("balanced_accuracy", balanced_accuracy), ("auc", macro_auc)):
             low, high = bootstrap_ci(labels, probs, groups, statistic, n_boot=n_boot, seed=seed)
@@ -64,4 +65,4 @@ def evaluate_predictions(split: str, labels: np.ndarray, uncalibrated: np.ndarra
     subgroups = (subgroup_metrics(labels, probs, attributes)
                  if attributes is not None else None)
     return Evaluation(split, labels, probs, np.asarray(uncalibrated), float(temperature),
-                      scores, per_class_metrics(labels, probs), subgroups)
+                      scores, per_class, subgroups)

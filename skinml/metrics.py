@@ -31,14 +31,18 @@ def predictions(probs: np.ndarray) -> np.ndarray:
     return np.where(tied, UNDECIDED, predicted)
 
 
-def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Scalar metrics of a split: balanced_accuracy, accuracy, macro_f1, auc, average_precision."""
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, table: pd.DataFrame | None = None
+                    ) -> dict[str, float]:
+    """Scalar metrics of a split: balanced_accuracy, accuracy, macro_f1, auc, average_precision.
+
+    `table` is per_class_metrics of the same arrays, when the caller has it already.
+    """
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     predicted = predictions(probs)
     present = np.unique(labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # absent classes: sklearn warns, we report NaN
-        table = per_class_metrics(labels, probs)
+        table = per_class_metrics(labels, probs) if table is None else table
         return {
             "balanced_accuracy": balanced_accuracy(labels, probs),
             "accuracy": float(skm.accuracy_score(labels, predicted)),

@@ -18,7 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from skinml import model_card
+from skinml import model_card, tracking
 from skinml.errors import SkinmlError
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str) 
     """model_card.md into the registered model's own artifacts (and a tag pointing at it)."""
     card = model_card.render(name, version, run.info.run_id, run.info.run_name,
                              run.data.params, run.data.metrics,
-                             _run_table(client, run.info.run_id, "subgroups.csv"),
-                             _split_counts(client, run.info.run_id))
+                             tracking.run_table(run.info.run_id, "subgroups.csv"),
+                             _split_counts(run.info.run_id))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model_card.md"
         path.write_text(card)
@@ -119,15 +119,8 @@ def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str) 
     client.set_model_version_tag(name, version, "model_card", "model_card.md")
 
 
-def _run_table(client: MlflowClient, run_id: str, artifact: str) -> pd.DataFrame | None:
-    try:
-        return pd.read_csv(client.download_artifacts(run_id, artifact))
-    except (MlflowException, OSError):
-        return None
-
-
-def _split_counts(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
-    split = _run_table(client, run_id, "split.csv")
+def _split_counts(run_id: str) -> pd.DataFrame | None:
+    split = tracking.run_table(run_id, "split.csv")
     if split is None:
         return None
     counts = pd.crosstab(split["dx"], split["split"]).reindex(columns=["train", "val", "test"],

@@ -279,3 +279,11 @@ def download_run_artifact(run_id: str, path: str) -> str:
         return MlflowClient().download_artifacts(run_id, path)
     except (mlflow.exceptions.MlflowException, OSError):
         raise SkinmlError(f"run {run_id} has no artifact {path}") from None
+
+
+def run_table(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame, or None when the run has no such file."""
+    try:
+        return pd.read_csv(download_run_artifact(run_id, path))
+    except SkinmlError:
+        return None
