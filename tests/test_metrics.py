@@ -157,3 +157,68 @@ def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident():
     assert expected_calibration_error(labels, confident) == pytest.approx(0.0, abs=1e-9)
     overconfident = np.tile([[0.99] + [0.01 / 6] * 6], (1000, 1))
     assert expected_calibration_error(labels, overconfident) == pytest.approx(0.39, abs=1e-6)
+
+
+def _two_models(lesions: int = 300, worse_on: int = 12):
+    """Model B is model A made wrong on `worse_on` lesions that A gets right (all images)."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(lesions), rng.integers(1, 4, lesions))
+    labels = np.repeat(np.arange(lesions) % 7, np.bincount(groups))
+    right = np.repeat(rng.random(lesions) < 0.7, np.bincount(groups))
+    probs_a = np.full((len(labels), 7), 0.05)
+    probs_a[np.arange(len(labels)), np.where(right, labels, (labels + 1) % 7)] = 0.7
+    spoiled = rng.choice(np.unique(groups[right]), worse_on, replace=False)
+    probs_b = probs_a.copy()
+    wrong = np.isin(groups, spoiled)
+    probs_b[wrong] = 0.05
+    probs_b[np.flatnonzero(wrong), (labels[wrong] + 1) % 7] = 0.7
+    return labels, probs_a, probs_b, groups
+
+
+def test_paired_bootstrap_brackets_the_true_difference_and_beats_the_unpaired_interval():
+    from skinml.metrics import (
+        balanced_accuracy,
+        bootstrap_ci,
+        lesion_resamples,
+        paired_balanced_accuracy,
+    )
+
+    labels, probs_a, probs_b, groups = _two_models()
+    true_delta = balanced_accuracy(labels, probs_a) - balanced_accuracy(labels, probs_b)
+    assert true_delta > 0.02
+    paired = paired_balanced_accuracy(labels, probs_a, probs_b, groups, n_boot=1000, seed=0)
+    assert paired.delta.value == pytest.approx(true_delta)
+    assert 0 < paired.delta.low <= true_delta <= paired.delta.high
+    # Each model's own interval is the ordinary lesion bootstrap on the same resamples.
+    assert paired.a.value == pytest.approx(balanced_accuracy(labels, probs_a))
+    low, high = bootstrap_ci(labels, probs_a, groups, balanced_accuracy, n_boot=1000, seed=0)
+    assert (paired.a.low, paired.a.high) == pytest.approx((low, high))
+    # Unpaired: the two models' scores from independent resamples of the lesions.
+    unpaired = [balanced_accuracy(labels[a], probs_a[a]) - balanced_accuracy(labels[b], probs_b[b])
+                for a, b in zip(lesion_resamples(groups, 1000, seed=1),
+                                lesion_resamples(groups, 1000, seed=2), strict=True)]
+    unpaired_low, unpaired_high = np.percentile(unpaired, [2.5, 97.5])
+    assert unpaired_low < 0 < paired.delta.low  # only pairing sees the win
+    assert paired.delta.high - paired.delta.low < (unpaired_high - unpaired_low) / 2
+    assert paired.lesions == len(np.unique(groups)) and paired.images == len(labels)
+
+
+def test_paired_bootstrap_of_a_model_with_itself_is_exactly_zero():
+    from skinml.metrics import paired_balanced_accuracy
+
+    labels, probs_a, _, groups = _two_models()
+    paired = paired_balanced_accuracy(labels, probs_a, probs_a, groups, n_boot=200)
+    assert (paired.delta.value, paired.delta.low, paired.delta.high) == (0.0, 0.0, 0.0)
+
+
+def test_paired_per_class_differences_are_where_the_models_differ():
+    from skinml.metrics import paired_balanced_accuracy
+
+    labels, probs_a, probs_b, groups = _two_models()
+    table = paired_balanced_accuracy(labels, probs_a, probs_b, groups, n_boot=300).per_class
+    assert list(table.index) == list(CLASSES)
+    assert (table["delta"] >= 0).all()
+    assert table["delta"].mean() == pytest.approx(
+        table["recall_a"].mean() - table["recall_b"].mean())
+    assert (table["delta_low"] <= table["delta"]).all()
+    assert (table["delta"] <= table["delta_high"]).all()
