@@ -248,6 +248,14 @@ def _check_consistency(config: Config, source: str) -> None:
     if aug.ratio_min > aug.ratio_max:
         raise ConfigError(f"{source}: augment.ratio_min ({aug.ratio_min}) must not exceed "
                           f"augment.ratio_max ({aug.ratio_max})")
+    # Training and evaluation resize the cached frame's shorter side to this before cropping.
+    resize = round(config.model.image_size / config.model.crop_pct)
+    if config.data.cache_size < resize:
+        raise ConfigError(f"{source}: data.cache_size ({config.data.cache_size}) is below "
+                          f"model.image_size / model.crop_pct ({config.model.image_size} / "
+                          f"{config.model.crop_pct:g} = {resize} px), so every image would be "
+                          f"upsampled: set data.cache_size to at least {resize} or lower "
+                          "model.image_size")
     if config.data.val_frac + config.data.test_frac >= 0.9:
         raise ConfigError(f"{source}: data.val_frac + data.test_frac must leave at least 10% "
                           "of the images for training")

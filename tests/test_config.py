@@ -78,3 +78,20 @@ def test_train_cli_exits_2_naming_the_bad_key():
         f"error: {EXPERIMENTS / 'demo.yaml'}: balance.gamma must be between 0.0 and 10.0, "
         "got -1.0")
     assert "Traceback" not in result.stderr
+
+
+def test_a_cache_smaller_than_the_eval_resize_is_an_error_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"data.cache_size \(64\) is below model.image_size / "
+                                          r"model.crop_pct \(96 / 0.875 = 110 px\)"):
+        load_config(EXPERIMENTS / "demo.yaml", ["data.cache_size=64"])
+    assert load_config(EXPERIMENTS / "demo.yaml", ["data.cache_size=110"]).data.cache_size == 110
+
+
+def test_train_cli_exits_2_when_the_cache_would_be_upsampled():
+    result = skinml_cli("train", "--config", str(EXPERIMENTS / "demo.yaml"),
+                        "--set", "model.image_size=224")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "data.cache_size (128)" in last
+    assert "model.image_size / model.crop_pct (224 / 0.875 = 256 px)" in last
+    assert "Traceback" not in result.stderr
