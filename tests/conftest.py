@@ -16,6 +16,30 @@ from skinml.data.metadata import METADATA_FILE, default_data_dir
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FULL_METADATA = FIXTURES / "HAM10000_metadata_full.csv"
+REPO = Path(__file__).resolve().parents[1]
+# What a user's own runs leave in the project folder (README's main job writes the first two).
+USER_RUN_STATE = ("mlflow.db", "mlruns", "optuna.db", "mlartifacts")
+
+
+def user_run_state() -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file a user's runs left in the project folder."""
+    state = {}
+    for name in USER_RUN_STATE:
+        path = REPO / name
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        for file in files:
+            stat = file.stat()
+            state[str(file.relative_to(REPO))] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_runs_untouched() -> Iterator[None]:
+    """No test may depend on, or change, the runs a user made in the project folder."""
+    before = user_run_state()
+    yield
+    changed = sorted(set(before.items()) ^ set(user_run_state().items()))
+    assert not changed, f"tests changed the user's runs in {REPO}: {changed[:5]}"
 
 
 def tiny(data_dir: Path, *extra: str) -> list[str]:

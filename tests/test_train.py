@@ -22,7 +22,7 @@ from skinml.data.cache import cache_root
 from skinml.labels import CLASSES
 from skinml.train import train
 
-from .conftest import tiny
+from .conftest import tiny, user_run_state
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -163,6 +163,7 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
 
 
 def test_mlflow_run_trains_the_project(tracking, small_folder, tmp_path):
+    before = user_run_state()
     overrides = " ".join(o for o in tiny(small_folder, "optim.epochs=1")
                          if not o.startswith(("data.dir", "model.arch")))
     result = subprocess.run(
@@ -177,7 +178,7 @@ def test_mlflow_run_trains_the_project(tracking, small_folder, tmp_path):
     assert run.data.params["optim.epochs"] == "1"
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert names >= ARTIFACTS
-    assert not (REPO / "mlruns").exists() and not (REPO / "mlflow.db").exists()
+    assert user_run_state() == before  # the user's own runs in the project are left alone
 
 
 def test_early_stopping_ends_a_run_without_validation_gain(tracking, small_folder):
