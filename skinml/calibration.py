@@ -27,7 +27,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, max_iter: int = 100) 
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -170,7 +170,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     """One pass over `batches`; returns the mean training loss and throughput."""
     model.train()
     started, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
-    bar = tqdm(batches, total=total, desc="train", unit="batch", leave=False, disable=not progress)
+    # disable=None: tqdm draws only on a terminal, so logs in files get no bar redraws.
+    bar = tqdm(batches, total=total, desc="train", unit="batch", leave=False,
+               disable=None if progress else True)
     for images, labels in bar:
         inputs, targets = tools.augment(images, labels)
         if tools.channels_last:

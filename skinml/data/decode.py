@@ -81,7 +81,7 @@ def map_images(work: Callable[[int], T], count: int, *, workers: int | None = No
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         yield from tqdm(pool.map(work, range(count)), total=count, desc=desc, unit="img",
-                        disable=not progress, leave=False)
+                        disable=None if progress else True, leave=False)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

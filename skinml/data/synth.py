@@ -77,7 +77,7 @@ def write_synthetic(out: str | Path, n: int, *, seed: int = 0, width: int = 600,
         tmp.mkdir(parents=True)
         looks = {}
         for row in tqdm(metadata.itertuples(), total=n, desc="synthesizing", unit="img",
-                        disable=not progress, leave=False):
+                        disable=None if progress else True, leave=False):
             lesion = looks.setdefault(row.lesion_id, _lesion_params(row.dx, rng))
             image = _draw(row.dx, lesion, width, height, rng)
             folder = tmp
