@@ -38,6 +38,8 @@ def main(verbose: bool) -> None:
     """Skin-lesion classification on HAM10000 with MLflow and Optuna."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s: %(message)s", force=True)
+    if not sys.stderr.isatty():  # a log file gets one line per event, not bar redraws
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -122,6 +124,16 @@ _SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "m
               "seed": "runtime.seed"}
 
 
+_GATE_DATA = click.option(
+    "--gate-data", callback=_blank_is_none, metavar="DIR",
+    help="Labelled HAM10000 folder to judge challenger and champion on (all of it). Needed "
+         "when their runs were split differently; otherwise their shared test split is used.")
+_MIN_DELTA = click.option(
+    "--min-delta", default=0.0, show_default=True, type=float,
+    help="Promote only if the lower end of the 95 % CI of Δ balanced accuracy "
+         "(challenger - champion, paired lesion bootstrap) is above this.")
+
+
 @main.command()
 @click.option("--config", "config_path", default="experiments/demo.yaml", show_default=True,
               type=click.Path(path_type=Path), help="YAML run configuration.")
@@ -183,7 +195,9 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
 @click.option("--pruner-warmup-epochs", default=2, show_default=True,
               type=click.IntRange(min=0), help="median: epochs before a trial can be pruned.")
 @click.option("--register-best", is_flag=False, flag_value="true", default="false",
-              type=click.BOOL, help="Register the best trial's model (challenger/champion).")
+              type=click.BOOL, help="Register the best trial's model through the promotion "
+                                    "gate (see `skinml register`).")
+@_GATE_DATA
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampler seed.")
 @click.option("--heartbeat-interval", default=10, show_default=True, type=click.IntRange(min=1),
               help="Seconds between a running trial's heartbeats in the storage.")
@@ -195,8 +209,9 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
               help="Space-separated KEY=VALUE base overrides (for MLproject).")
 def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | None,
          study_name: str, storage: str, sampler: str, pruner: str, pruner_startup_trials: int,
-         pruner_warmup_epochs: int, register_best: bool, seed: int, heartbeat_interval: int,
-         grace_period: int, sets: tuple[str, ...], overrides: str | None) -> None:
+         pruner_warmup_epochs: int, register_best: bool, gate_data: str | None, seed: int,
+         heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
+         overrides: str | None) -> None:
     """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
     from skinml.tune import TuneOptions
     from skinml.tune import tune as run_study
@@ -210,7 +225,8 @@ def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | No
         config=config_path, search_space=search_space, n_trials=n_trials, timeout=seconds,
         study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
         pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
-        register_best=register_best, seed=seed, heartbeat_interval=heartbeat_interval,
+        register_best=register_best, gate_data=gate_data, seed=seed,
+        heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, overrides=tuple((overrides or "").split()) + sets))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())
     click.echo(f"study {result.study_name}: {counts}; parent run {result.parent_run_id}")
@@ -224,21 +240,33 @@ def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | No
 @main.command()
 @click.option("--run-id", callback=_blank_is_none, help="Register this run's model.")
 @click.option("--experiment", default="skin-lesion", show_default=True,
-              help="Without --run-id: register the best finished run of this experiment.")
-@click.option("--metric", default="test_balanced_accuracy", show_default=True,
-              help="What 'best' means with --experiment.")
+              help="Without --run-id: register the best finished training run of this "
+                   "experiment (by --metric).")
+@click.option("--metric", default="best_val_balanced_accuracy", show_default=True,
+              help="Validation metric that picks the run with --experiment: the default is "
+                   "the validation balanced accuracy of the epoch each run kept. Highest wins "
+                   "(lowest for loss, nll, ece). Test metrics are refused: they are reported, "
+                   "never used to choose.")
 @click.option("--name", default="skin-lesion-classifier", show_default=True,
               help="Registered model name.")
 @click.option("--study", callback=_blank_is_none,
-              help="Register the best trial of this Optuna study instead.")
+              help="Register the best trial of this Optuna study (by its validation value).")
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True,
               help="The study's storage (with --study).")
+@_GATE_DATA
+@_MIN_DELTA
 @click.option("--force", is_flag=False, flag_value="true", default="false", type=click.BOOL,
-              help="Make the new version champion even if it is not better.")
+              help="Make the new version champion whatever the gate says (it says so).")
 def register(run_id: str | None, experiment: str, metric: str, name: str, study: str | None,
-             storage: str, force: bool) -> None:
-    """Register a run's model: alias challenger always, champion only when it is better."""
-    from skinml.registry import best_run, register_run
+             storage: str, gate_data: str | None, min_delta: float, force: bool) -> None:
+    """Register a run's model: alias challenger always, champion only on a paired win.
+
+    With a champion in place, both models are judged on the same labelled images and the
+    new version becomes champion only if the 95 % interval of the difference in balanced
+    accuracy lies above --min-delta. The decision is printed, tagged on the version and
+    written into its model card.
+    """
+    from skinml.registry import GateOptions, best_run, register_run
 
     if run_id is None and study is not None:
         from skinml.tune import best_run_id
@@ -246,7 +274,39 @@ def register(run_id: str | None, experiment: str, metric: str, name: str, study:
         run_id = best_run_id(study, storage)
     if run_id is None:
         run_id = best_run(experiment, metric).info.run_id
-    click.echo(register_run(run_id, name=name, force=force).summary())
+    gate = GateOptions(gate_data=gate_data, min_delta=min_delta, force=force)
+    click.echo(register_run(run_id, name=name, gate=gate).summary())
+
+
+@main.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--data-dir", callback=_blank_is_none,
+              help="HAM10000 folder [default: the training run's, else the bundled sample].")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "all"]),
+              help="test: the test split both models' runs share (an error if they were "
+                   "split differently); all: every labelled image of --data-dir.")
+@click.option("--bootstrap", default=2000, show_default=True, type=click.IntRange(min=100),
+              help="Paired lesion-bootstrap rounds.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--experiment", default="skin-lesion", show_default=True)
+def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootstrap: int,
+            seed: int, experiment: str) -> None:
+    """Compare two models on the same images: Δ = A - B with a paired lesion bootstrap."""
+    from skinml.compare import CompareOptions, per_class_text
+    from skinml.compare import compare as run_comparison
+
+    comparison, run_id = run_comparison(CompareOptions(
+        uri_a=model_a, uri_b=model_b, data_dir=data_dir, split=split, rounds=bootstrap,
+        seed=seed, experiment=experiment))
+    result = comparison.result
+    click.echo(f"A  {model_a}: balanced accuracy {result.a}")
+    click.echo(f"B  {model_b}: balanced accuracy {result.b}")
+    click.echo(f"Δ = A - B: {result.delta.signed()}, paired lesion bootstrap, "
+               f"{result.rounds} rounds, on {comparison.image_set.summary()}")
+    click.echo("")
+    click.echo(per_class_text(result))
+    click.echo(f"comparison run {run_id} (figure: comparison.png)")
 
 
 @main.command()

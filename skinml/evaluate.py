@@ -15,20 +15,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinml import reports, tracking
+from skinml import image_sets, reports, tracking
 from skinml.calibration import apply_temperature
-from skinml.data.metadata import default_data_dir, find_images, load_ham10000
 from skinml.errors import SkinmlError
 from skinml.evaluation import Evaluation, evaluate_predictions, subgroup_attributes
 from skinml.explain import explain
-from skinml.labels import CLASS_INDEX, CLASSES
-from skinml.packaging import ISIC_COLUMNS, encode_image, load_model
-from skinml.registry import source_run_id
+from skinml.labels import CLASSES
+from skinml.packaging import load_model, predict_paths
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "all", "isic")
-_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,10 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
         raise SkinmlError("--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES")
     model = load_model(options.model_uri)
     served = model.unwrap_python_model()
-    source = source_run_id(options.model_uri) if options.split in ("test", "val") else None
+    source = tracking.source_run_id(options.model_uri) if options.split in ("test", "val") else None
     images = labelled_images(options, source)
     log.info("evaluating %s on %d images (%s)", options.model_uri, len(images), options.split)
-    probs = _predict(model, images["path"].tolist(), options.tta)
+    probs = predict_paths(model, images["path"].tolist(), options.tta)
     # The served probabilities are softmax(z / T); softmax(T * log p) recovers softmax(z).
     uncalibrated = apply_temperature(probs, 1 / served.temperature)
     attributes = subgroup_attributes(images) if "sex" in images else None
@@ -82,61 +79,10 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
 def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.DataFrame:
     """image_id, path, label, lesion_id (and sex, age, localization for HAM10000 folders)."""
     if options.split == "isic":
-        return _isic_images(options)
-    data_dir = options.data_dir
-    if data_dir is None and source_run is not None:
-        data_dir = tracking.run_params(source_run).get("data.dir") or None
-    frame = load_ham10000(data_dir or default_data_dir())
+        return image_sets.isic_images(options.truth_csv, options.data_dir)
     if options.split == "all":
-        return frame
-    split = tracking.run_table(source_run, "split.csv")
-    if split is None:
-        raise SkinmlError(f"run {source_run} has no split.csv: it is not a skinml training run")
-    wanted = split.loc[split["split"] == options.split, "image_id"]
-    missing = sorted(set(wanted) - set(frame["image_id"]))
-    if missing:
-        raise SkinmlError(f"{len(missing)} of the {len(wanted)} {options.split} images of run "
-                          f"{source_run} are not in {data_dir or default_data_dir()} "
-                          f"(first: {', '.join(missing[:3])}); pass the training --data-dir")
-    return frame[frame["image_id"].isin(set(wanted))].reset_index(drop=True)
-
-
-def _isic_images(options: EvaluateOptions) -> pd.DataFrame:
-    """ISIC 2018 Task 3: image folder + ground-truth CSV (image, MEL, NV, ... one-hot)."""
-    path = Path(options.truth_csv)
-    try:
-        truth = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise SkinmlError(f"{path}: cannot be read as CSV ({str(exc).splitlines()[0]})") \
-            from None
-    absent = [c for c in ["image", *ISIC_COLUMNS] if c not in truth.columns]
-    if absent:
-        raise SkinmlError(f"{path}: missing column(s) {', '.join(absent)}")
-    onehot = truth[list(ISIC_COLUMNS)].to_numpy(dtype=float)
-    bad = np.flatnonzero((onehot.sum(1) != 1) | ~np.isin(onehot, (0.0, 1.0)).all(1))
-    if len(bad):
-        raise SkinmlError(f"{path}: line {bad[0] + 2} is not one-hot over "
-                          f"{', '.join(ISIC_COLUMNS)} ({len(bad)} rows in all)")
-    files = find_images(Path(options.data_dir).expanduser())
-    ids = truth["image"].astype(str).str.replace(r"\.jpg$", "", regex=True, case=False)
-    missing = [i for i in ids if i not in files]
-    if missing:
-        raise SkinmlError(f"{len(missing)} images of {path} are not in {options.data_dir} "
-                          f"(first: {', '.join(missing[:3])})")
-    dx = [ISIC_COLUMNS[c] for c in np.array(list(ISIC_COLUMNS))[onehot.argmax(1)]]
-    return pd.DataFrame({"image_id": ids, "path": [str(files[i]) for i in ids],
-                         "label": [CLASS_INDEX[d] for d in dx], "dx": dx,
-                         "lesion_id": ids})  # no lesion ids in ISIC 2018: resample images
-
-
-def _predict(model, paths: list[str], tta: bool) -> np.ndarray:
-    chunks = []
-    for start in range(0, len(paths), _CHUNK):
-        frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes())
-                                        for p in paths[start:start + _CHUNK]]})
-        table = model.predict(frame, params={"tta": tta})
-        chunks.append(table[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64))
-    return np.concatenate(chunks)
+        return image_sets.folder_images(options.data_dir)
+    return image_sets.run_split_images(source_run, options.split, options.data_dir)
 
 
 def _gradcam_grid(served, images: pd.DataFrame, evaluation: Evaluation, per_class: int,

@@ -18,3 +18,7 @@ DIAGNOSES: dict[str, str] = {
 NUM_CLASSES = len(CLASSES)
 
 CLASS_INDEX: dict[str, int] = {dx: i for i, dx in enumerate(CLASSES)}
+
+# ISIC 2018 Task 3 ground-truth and submission columns, in the challenge's order.
+ISIC_COLUMNS: dict[str, str] = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec",
+                                "BKL": "bkl", "DF": "df", "VASC": "vasc"}

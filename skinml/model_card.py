@@ -7,13 +7,14 @@ from __future__ import annotations
 import pandas as pd
 
 from skinml.labels import CLASSES, DIAGNOSES
+from skinml.metrics import Interval
 from skinml.reports import metrics_markdown, table_markdown
 
 
 def render(name: str, version: str, run_id: str, run_name: str, params: dict[str, str],
            metrics: dict[str, float], subgroups: pd.DataFrame | None,
-           split_counts: pd.DataFrame | None) -> str:
-    """Markdown text of the card, from a training (or evaluation) run's record."""
+           split_counts: pd.DataFrame | None, gate: dict[str, str] | None = None) -> str:
+    """Markdown text of the card, from a training run's record and the version's gate tags."""
     test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
     p = params.get
     temperature = (f"T = {test['temperature']:.3f}" if "temperature" in test
@@ -50,6 +51,7 @@ def render(name: str, version: str, run_id: str, run_name: str, params: dict[str
         sections.append(metrics_markdown(test, "test"))
     else:
         sections.append("No test metrics were recorded for this run.")
+    sections += ["## Promotion gate", *_gate_section(gate)]
     sections += ["## Subgroups",
                  "Balanced accuracy and per-class sensitivity by sex, age band and body site; "
                  "groups with fewer than 30 images are marked small: their numbers are "
@@ -71,3 +73,30 @@ def render(name: str, version: str, run_id: str, run_name: str, params: dict[str
         "otherwise (`skinml evaluate`).",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _gate_section(gate: dict[str, str] | None) -> list[str]:
+    """How this version was judged against the champion (from its gate.* version tags)."""
+    if not gate:
+        return ["This version was registered before promotion gates were recorded."]
+    lines = [f"**{gate['gate.decision']}**: {gate['gate.reason']}"]
+    if "gate.delta" not in gate:
+        return lines
+
+    def interval(prefix: str) -> Interval:
+        return Interval(*(float(gate[prefix + end]) for end in ("", "_ci_low", "_ci_high")))
+
+    champion = f"champion version {gate['gate.champion_version']}"
+    rows = [("compared with", f"{champion} (run `{gate['gate.champion_run_id']}`)"),
+            ("gate set", f"{gate['gate.set_images']} images, {gate['gate.set_lesions']} "
+                         f"lesions: {gate['gate.set']}"),
+            ("gate set digest (SHA-256)", f"`{gate['gate.set_digest']}`"),
+            ("balanced accuracy, this version",
+             str(interval("gate.challenger_balanced_accuracy"))),
+            (f"balanced accuracy, {champion}", str(interval("gate.champion_balanced_accuracy"))),
+            ("Δ = this version - champion", interval("gate.delta").signed()),
+            ("rule", f"promote when the lower end of the 95 % CI of Δ is above "
+                     f"{float(gate['gate.min_delta']):+.3f}; paired bootstrap over lesions "
+                     f"(the same lesions for both models each round), {gate['gate.rounds']} "
+                     f"rounds, seed {gate['gate.seed']}")]
+    return lines + ["| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)]

@@ -29,12 +29,13 @@ from skinml.config import ModelConfig
 from skinml.data.augment import EvalTransform
 from skinml.data.decode import fit_to_frame, open_rgb
 from skinml.errors import SkinmlError
-from skinml.labels import CLASSES, DIAGNOSES
+from skinml.labels import CLASSES, DIAGNOSES, ISIC_COLUMNS
 from skinml.model import build_model
 
 WEIGHTS_FORMAT = 1
 MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
 CHUNK = 64  # images per forward pass: a 10,000-row request does not exhaust memory
+_FILE_CHUNK = 256  # image files read and encoded per predict call (predict_paths)
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pyyaml",
                  "scikit-learn", "tqdm")
@@ -174,11 +175,6 @@ def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_im
         )
 
 
-# ISIC 2018 Task 3 submission columns, in the challenge's order.
-ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl",
-                "DF": "df", "VASC": "vasc"}
-
-
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """mlflow.pyfunc.load_model with a one-line error for a bad URI."""
     try:
@@ -197,6 +193,22 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
     table = model.predict(frame, params={"tta": tta})
     table.index = pd.Index([Path(p).stem for p in paths], name="image")
     return table
+
+
+def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False
+                  ) -> np.ndarray:
+    """Class probabilities (rows in `paths` order) of image files, exactly as served.
+
+    Files are read and encoded a chunk at a time, so a 10,000-image set never sits in
+    memory as base64 at once.
+    """
+    chunks = []
+    for start in range(0, len(paths), _FILE_CHUNK):
+        frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes())
+                                        for p in paths[start:start + _FILE_CHUNK]]})
+        table = model.predict(frame, params={"tta": tta})
+        chunks.append(table[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64))
+    return np.concatenate(chunks)
 
 
 def isic_submission(table: pd.DataFrame) -> pd.DataFrame:

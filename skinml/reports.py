@@ -148,3 +148,43 @@ def gradcam_grid(rows, title: str) -> Figure:
             row_axes[0].text(0.5, 0.5, f"no {name} images", ha="center", va="center")
     figure.suptitle(f"{title}\nGrad-CAM: where the model looked")
     return figure
+
+
+def comparison_figure(comparison, name_a: str, name_b: str, title: str) -> Figure:
+    """Per-class recall of two models side by side, and the paired differences with their
+    95 % intervals (`comparison` is a metrics.PairedComparison)."""
+    table = comparison.per_class
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), layout="constrained",
+                                         width_ratios=[3, 2])
+    rows = [*CLASSES, "balanced\naccuracy"]
+    x = np.arange(len(rows))
+    for offset, column, model, name, color in (
+            (-0.2, "recall_a", comparison.a, name_a, "tab:blue"),
+            (0.2, "recall_b", comparison.b, name_b, "tab:orange")):
+        left.bar(x + offset, [*table[column].fillna(0), model.value], width=0.4, color=color,
+                 label=name)
+        left.errorbar(x[-1] + offset, model.value, fmt="none", capsize=4, color="black",
+                      yerr=[[model.value - model.low], [model.high - model.value]])
+    left.set_xticks(x, [f"{r}\n(n={n})" for r, n in zip(CLASSES, table["support"],
+                                                        strict=True)] + [rows[-1]])
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("recall (balanced accuracy: mean over classes)")
+    left.set_title("per-class recall; bars on balanced accuracy: 95 % CI")
+    left.legend(loc="upper left", fontsize="small")
+    delta = comparison.delta
+    values = [*table["delta"], delta.value]
+    lows = [*table["delta_low"], delta.low]
+    highs = [*table["delta_high"], delta.high]
+    y = np.arange(len(rows))[::-1]
+    for yi, value, low, high in zip(y, values, lows, highs, strict=True):
+        if np.isfinite(value):
+            right.errorbar(value, yi, xerr=[[value - low], [high - value]], fmt="o", capsize=4,
+                           color="black" if yi == 0 else "tab:grey")
+    right.axvline(0, linestyle=":", color="grey")
+    right.set_yticks(y, [r.replace("\n", " ") for r in rows])
+    right.set_xlabel("difference in recall (paired lesion bootstrap)")
+    right.set_title(f"Δ = {name_a} - {name_b} with 95 % CI\nbalanced accuracy {delta.value:+.3f} "
+                    f"({delta.low:+.3f} to {delta.high:+.3f})")
+    figure.suptitle(f"{title}\n{comparison.images} images, {comparison.lesions} lesions, "
+                    f"{comparison.rounds} paired bootstrap rounds")
+    return figure

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 import yaml
 from matplotlib import pyplot as plt
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from skinml import metrics, packaging, reports
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI opens it in Model training view
+ROLE_TAG = "skinml.role"  # training, study, evaluation or comparison: what a run is for
+SPLITS = ("train", "val", "test")
 
 
 class TrainingRun:
@@ -61,14 +65,15 @@ class TrainingRun:
         columns = ["image_id", "lesion_id", "dx", "label", "dx_type", "age", "sex",
                    "localization"]
         contexts = {"train": "training", "val": "validation", "test": "testing"}
-        for name, context in contexts.items():
+        for name in SPLITS:
+            context = contexts[name]
             subset = frame.loc[split.to_numpy() == name, columns].reset_index(drop=True)
             with warnings.catch_warnings():
                 # MLflow's hints about int columns and its two local-source readers say
                 # nothing about this data.
                 warnings.filterwarnings("ignore", message=".*(integer column|multiple ways)")
                 dataset = mlflow.data.from_pandas(subset, source=source, targets="label",
-                                                  name=f"ham10000-{name}")
+                                                  name=_dataset_name(name))
                 mlflow.log_input(dataset, context=context)
 
     def log_epoch(self, result: EpochResult) -> None:
@@ -138,7 +143,8 @@ def training_run(config: Config, run_name: str, resume_run_id: str | None = None
                           nested=nested, log_system_metrics=_system_metrics()) as run:
         _tag_experiment(run.info.experiment_id)
         if resume_run_id is None:
-            mlflow.set_tags({"mlflow.runName": run_name, **_git_tags(), **(tags or {})})
+            mlflow.set_tags({"mlflow.runName": run_name, ROLE_TAG: "training", **_git_tags(),
+                             **(tags or {})})
         yield TrainingRun(run, mlflow.get_run(run.info.run_id).info.run_name)
 
 
@@ -216,7 +222,7 @@ def study_run(experiment: str, study_name: str, storage: str, options: dict[str,
     with mlflow.start_run(run_name=study_name) as run:
         _tag_experiment(run.info.experiment_id)
         mlflow.set_tags({"mlflow.runName": study_name, "optuna.study_name": study_name,
-                         "optuna.storage": storage, "skinml.role": "study", **_git_tags()})
+                         "optuna.storage": storage, ROLE_TAG: "study", **_git_tags()})
         logged = mlflow.get_run(run.info.run_id).data.params
         mlflow.log_params({f"tune.{k}": "" if v is None else v for k, v in options.items()
                            if f"tune.{k}" not in logged and k not in logged})
@@ -258,7 +264,7 @@ def evaluation_run(options, source_run: str | None) -> Iterator[TrainingRun]:
     name = f"evaluate-{options.split}-{options.model_uri.rsplit('/', 1)[-1]}"
     with mlflow.start_run(run_name=name) as run:
         _tag_experiment(run.info.experiment_id)
-        tags = {"mlflow.runName": name, "skinml.role": "evaluation",
+        tags = {"mlflow.runName": name, ROLE_TAG: "evaluation",
                 "skinml.model_uri": options.model_uri, **_git_tags()}
         if source_run:
             tags["skinml.source_run_id"] = source_run
@@ -267,6 +273,22 @@ def evaluation_run(options, source_run: str | None) -> Iterator[TrainingRun]:
                            "eval.bootstrap": options.bootstrap,
                            "eval.data_dir": options.data_dir or "",
                            "eval.truth_csv": str(options.truth_csv or "")})
+        yield TrainingRun(run, name)
+
+
+@contextlib.contextmanager
+def comparison_run(experiment: str, uri_a: str, uri_b: str, params: dict[str, Any]
+                   ) -> Iterator[TrainingRun]:
+    """The run `skinml compare` logs into, tagged with the two models it compared."""
+    if mlflow.active_run() is None and not _launched_by_mlflow_run():
+        mlflow.set_experiment(experiment)
+    name = f"compare-{uri_a.rsplit('/', 1)[-1]}-vs-{uri_b.rsplit('/', 1)[-1]}"
+    with mlflow.start_run(run_name=name) as run:
+        _tag_experiment(run.info.experiment_id)
+        mlflow.set_tags({"mlflow.runName": name, ROLE_TAG: "comparison",
+                         "skinml.model_uri_a": uri_a, "skinml.model_uri_b": uri_b,
+                         **_git_tags()})
+        mlflow.log_params({f"compare.{k}": "" if v is None else v for k, v in params.items()})
         yield TrainingRun(run, name)
 
 
@@ -281,9 +303,49 @@ def download_run_artifact(run_id: str, path: str) -> str:
         raise SkinmlError(f"run {run_id} has no artifact {path}") from None
 
 
+def same_split(run_a: str, run_b: str) -> bool:
+    """Whether two training runs logged the same data digests and split seed."""
+    client = MlflowClient()
+    first, second = (split_signature(client.get_run(r)) for r in (run_a, run_b))
+    return first is not None and first == second
+
+
+def split_signature(run: Run) -> tuple[str, ...] | None:
+    """What makes two runs' splits the same images: the digest of each logged split's data
+    and the split seed. None when the run did not log them all (then nothing is assumed)."""
+    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    seed = run.data.params.get("data.split_seed")
+    names = [_dataset_name(split) for split in SPLITS]
+    if seed is None or any(name not in digests for name in names):
+        return None
+    return (*(f"{name}:{digests[name]}" for name in names), f"data.split_seed:{seed}")
+
+
+def _dataset_name(split: str) -> str:
+    return f"ham10000-{split}"
+
+
 def run_table(run_id: str, path: str) -> pd.DataFrame | None:
     """A CSV artifact of a run as a DataFrame, or None when the run has no such file."""
     try:
         return pd.read_csv(download_run_artifact(run_id, path))
     except SkinmlError:
         return None
+
+
+def source_run_id(model_uri: str) -> str:
+    """The training run behind runs:/ID/..., models:/NAME/VERSION, @ALIAS or models:/m-ID."""
+    client = MlflowClient()
+    try:
+        if model_uri.startswith("runs:/"):
+            return model_uri.removeprefix("runs:/").split("/", 1)[0]
+        target = model_uri.removeprefix("models:/")
+        if target.startswith("m-"):
+            return client.get_logged_model(target.split("/", 1)[0]).source_run_id
+        if "@" in target:
+            model, alias = target.split("@", 1)
+            return client.get_model_version_by_alias(model, alias).run_id
+        model, version = target.rsplit("/", 1)
+        return client.get_model_version(model, version).run_id
+    except (MlflowException, ValueError):
+        raise SkinmlError(f"cannot find the run behind model {model_uri}") from None

@@ -47,6 +47,7 @@ class TuneOptions:
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 2
     register_best: bool = False
+    gate_data: str | None = None  # the promotion gate's folder when registering the best
     seed: int = 0
     heartbeat_interval: int = 10
     grace_period: int = 60
@@ -256,13 +257,14 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
     best = _best_trial(study)
-    registration = None
-    if best is not None and options.register_best:
-        from skinml.registry import register_run
-
-        registration = register_run(best.user_attrs[RUN_ID_ATTR]).summary()
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
                                counts, _figures(study), str(options.search_space))
+    registration = None
+    if best is not None and options.register_best:
+        from skinml.registry import GateOptions, register_run
+
+        registration = register_run(best.user_attrs[RUN_ID_ATTR],
+                                    gate=GateOptions(gate_data=options.gate_data)).summary()
     return TuneResult(options.study_name, parent, best.value if best else None,
                       best.params if best else {},
                       best.user_attrs.get(RUN_ID_ATTR) if best else None, counts,

@@ -42,7 +42,9 @@ def test_mlproject_main_takes_the_documented_parameters():
 
 def test_mlproject_register_mirrors_the_cli_options():
     register = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["register"]
-    assert set(register["parameters"]) == {"run_id", "experiment", "metric", "name", "force"}
+    assert set(register["parameters"]) == {"run_id", "experiment", "metric", "name", "gate_data",
+                                           "min_delta", "force"}
+    assert register["parameters"]["metric"]["default"] == "best_val_balanced_accuracy"
     assert register["command"].startswith("python -m skinml register")
 
 

@@ -1,0 +1,98 @@
+"""`skinml compare`: two models on the same images, paired bootstrap, logged as a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from skinml.config import load_config
+from skinml.labels import CLASSES
+from skinml.train import train
+
+from .conftest import build_folder, isolated_tracking, tiny
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two seeds on one split of a small folder, and a third model on another split."""
+    root = tmp_path_factory.mktemp("compare")
+    with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(root / "cache"))
+        folder = build_folder(root / "ham", lesions_per_class=6)
+        a, b, other = (train(load_config(DEMO, tiny(folder, "optim.epochs=1", *extra)))
+                       for extra in (["runtime.seed=0"], ["runtime.seed=1"],
+                                     ["data.split_seed=1"]))
+        yield {"uri": uri, "root": root, "folder": folder, "a": a, "b": b, "other": other}
+
+
+def skinml(models, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True,
+                          text=True, timeout=300, cwd=models["root"],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": models["uri"]})
+
+
+def comparison_run_id(stdout: str) -> str:
+    return stdout.split("comparison run ")[1].split()[0]
+
+
+def test_compare_prints_both_scores_the_paired_delta_and_logs_a_run_with_a_figure(models):
+    a, b = models["a"], models["b"]
+    result = skinml(models, "compare", a.model_uri, b.model_uri, "--bootstrap", "500")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"A  {a.model_uri}: balanced accuracy " in out and "95 % CI" in out
+    assert f"B  {b.model_uri}: balanced accuracy " in out
+    assert "Δ = A - B: " in out and "paired lesion bootstrap, 500 rounds" in out
+    assert "test split shared by runs" in out
+    for dx in CLASSES:
+        assert any(line.startswith(dx) for line in out.splitlines()), dx
+
+    client = mlflow.MlflowClient(models["uri"])
+    run = client.get_run(comparison_run_id(out))
+    assert run.data.tags["skinml.role"] == "comparison"
+    assert run.data.tags["skinml.model_uri_a"] == a.model_uri
+    m = run.data.metrics
+    assert m["delta_balanced_accuracy"] == pytest.approx(
+        m["a_balanced_accuracy"] - m["b_balanced_accuracy"])
+    assert m["delta_balanced_accuracy_ci_low"] <= m["delta_balanced_accuracy"] <= \
+        m["delta_balanced_accuracy_ci_high"]
+    # Both scored on the run's own test split: the same number training logged for A.
+    assert m["a_balanced_accuracy"] == pytest.approx(a.test["balanced_accuracy"])
+    assert len(run.data.params["compare.set_digest"]) == 64
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"comparison.png", "comparison.md", "per_class_recall.csv"} <= artifacts
+    with isolated_tracking(models["root"]):
+        table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_class_recall.csv"))
+    assert table["class"].tolist() == list(CLASSES)
+
+
+def test_a_model_compared_with_itself_differs_by_exactly_zero(models):
+    uri = models["a"].model_uri
+    result = skinml(models, "compare", uri, uri, "--bootstrap", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Δ = A - B: +0.000 (95 % CI +0.000 to +0.000)" in result.stdout
+
+
+def test_models_split_differently_are_compared_only_on_a_named_folder(models):
+    a, other = models["a"], models["other"]
+    refused = skinml(models, "compare", a.model_uri, other.model_uri)
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: runs {a.run_id} and {other.run_id} were not trained on "
+                           "the same split")
+    assert last.endswith("--split all --data-dir DIR") and "Traceback" not in refused.stderr
+
+    result = skinml(models, "compare", a.model_uri, other.model_uri, "--split", "all",
+                    "--data-dir", str(models["folder"]), "--bootstrap", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = len(pd.read_csv(models["folder"] / "HAM10000_metadata.csv"))
+    assert f"on {images} images" in result.stdout
+    assert "the comparison favours that model" in result.stderr  # both trained on them
