@@ -82,9 +82,11 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC) -> Run:
     if found is None:
         raise RegistryError(f"experiment {experiment!r} does not exist at "
                             f"{mlflow.get_tracking_uri()}")
+    lower = any(word in metric for word in _LOWER_IS_BETTER)
     runs = mlflow.search_runs(experiment_ids=[found.experiment_id], output_format="list",
                               filter_string="attributes.status = 'FINISHED'",
-                              max_results=5000)
+                              order_by=[f"metrics.`{metric}` {'ASC' if lower else 'DESC'}"],
+                              max_results=1000)
     this_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e register` has its own run
     candidates = [r for r in runs if metric in r.data.metrics and r.info.run_id != this_run
                   and r.data.tags.get(tracking.ROLE_TAG) not in _NOT_MODELS
@@ -92,7 +94,6 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC) -> Run:
     if not candidates:
         raise RegistryError(f"experiment {experiment!r} has no finished training run with a "
                             f"logged model and metric {metric}")
-    lower = any(word in metric for word in _LOWER_IS_BETTER)
     pick = min if lower else max
     return pick(candidates, key=lambda r: r.data.metrics[metric])
 
