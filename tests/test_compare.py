@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from skinml.compare import CompareOptions, compare, compare_models, shared_split
 from skinml.config import load_config
 from skinml.labels import CLASSES
 from skinml.train import train
@@ -76,12 +77,14 @@ def test_compare_prints_both_scores_the_paired_delta_and_logs_a_run_with_a_figur
 
 def test_a_model_compared_with_itself_differs_by_exactly_zero(models):
     uri = models["a"].model_uri
-    result = skinml(models, "compare", uri, uri, "--bootstrap", "200")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Δ = A - B: +0.000 (95 % CI +0.000 to +0.000)" in result.stdout
+    with isolated_tracking(models["root"]):
+        image_set = shared_split(models["a"].run_id, models["a"].run_id)
+        result = compare_models(uri, uri, image_set, rounds=200).result
+    assert (result.delta.value, result.delta.low, result.delta.high) == (0.0, 0.0, 0.0)
+    assert result.a == result.b
 
 
-def test_models_split_differently_are_compared_only_on_a_named_folder(models):
+def test_models_split_differently_are_compared_only_on_a_named_folder(models, caplog):
     a, other = models["a"], models["other"]
     refused = skinml(models, "compare", a.model_uri, other.model_uri)
     assert refused.returncode == 2
@@ -90,9 +93,12 @@ def test_models_split_differently_are_compared_only_on_a_named_folder(models):
                            "the same split")
     assert last.endswith("--split all --data-dir DIR") and "Traceback" not in refused.stderr
 
-    result = skinml(models, "compare", a.model_uri, other.model_uri, "--split", "all",
-                    "--data-dir", str(models["folder"]), "--bootstrap", "200")
-    assert result.returncode == 0, result.stderr[-3000:]
+    with isolated_tracking(models["root"]):
+        comparison, run_id = compare(CompareOptions(a.model_uri, other.model_uri, split="all",
+                                                    data_dir=str(models["folder"]), rounds=200))
     images = len(pd.read_csv(models["folder"] / "HAM10000_metadata.csv"))
-    assert f"on {images} images" in result.stdout
-    assert "the comparison favours that model" in result.stderr  # both trained on them
+    assert comparison.result.images == images
+    assert comparison.image_set.description == f"all of {models['folder']}"
+    assert "the comparison favours that model" in caplog.text  # both trained on them
+    assert mlflow.MlflowClient(models["uri"]).get_run(run_id).data.params[
+        "compare.split"] == "all"
