@@ -21,18 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from skinml.config import Config
-from skinml.data.augment import TrainAugment
-from skinml.data.balance import epoch_order
-from skinml.engine import (
-    OPTIMIZERS,
-    StepTools,
-    autocast_for,
-    build_scheduler,
-    resolve_device,
-    train_one_epoch,
-)
-from skinml.losses import build_loss
-from skinml.model import IMAGENET_MEAN, IMAGENET_STD, build_model
+from skinml.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from skinml.device import resolve_device, synchronize
+from skinml.engine import train_one_epoch
+from skinml.model import build_model
+from skinml.recipe import TrainSettings, build_augment, build_step_tools
+from skinml.strategies import epoch_order
 from skinml.train import batches_for, prepare_data
 
 
@@ -73,13 +67,13 @@ def _timed(name: str, batches: Iterator, count: int, device: torch.device, warmu
     images, started = 0, None
     for i, (x, _) in enumerate(batches):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             started = time.perf_counter()
         if i >= warmup:
             images += len(x)
         if i + 1 >= warmup + count:
             break
-    _sync(device)
+    synchronize(device)
     return Throughput(name, images, time.perf_counter() - started)
 
 
@@ -88,7 +82,7 @@ def bench_loader(config: Config, batches: int, workers: int) -> tuple[Throughput
     data = prepare_data(config)
     device = resolve_device(config.runtime.device)
     train = batches_for(data, "train", config.optim.batch_size, device)
-    augment = TrainAugment(config.augment, config.model.image_size, config.model.crop_pct)
+    augment = build_augment(TrainSettings.from_config(config)).to(device)
 
     def ours() -> Iterator:
         while True:
@@ -122,17 +116,11 @@ def bench_train(config: Config, steps: int) -> tuple[Throughput, Throughput]:
     for name, feed in (("end to end (cache -> augment -> step)", "cache"),
                        ("ceiling (tensors already on the device)", "device")):
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(config.model, pretrained=False)).to(device)
-        if config.runtime.channels_last:
-            model.to(memory_format=torch.channels_last)
-        runner = torch.compile(model) if config.runtime.compile else model
-        autocast, scaler = autocast_for(device, config.runtime.amp)
-        optimizer = OPTIMIZERS[config.optim.optimizer](model, config.optim)
-        tools = StepTools(
-            augment=TrainAugment(config.augment, config.model.image_size, config.model.crop_pct),
-            loss_fn=build_loss(config.balance, train.labels).to(device), optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, config.optim, steps), autocast=autocast,
-            scaler=scaler, channels_last=config.runtime.channels_last)
+        settings = TrainSettings.from_config(config)
+        model = build_model(dataclasses.replace(config.model, pretrained=False))
+        model.to(device, memory_format=settings.memory_format)
+        tools = build_step_tools(model, train.labels, settings, device, steps)
+        runner = torch.compile(model) if settings.compile else model
         batches = _cache_batches(train, config) if feed == "cache" else _device_batches(
             train, config)
         train_one_epoch(runner, _take(batches, 3), tools)  # warm-up (and compilation)
@@ -159,11 +147,6 @@ def _device_batches(train, config: Config) -> Iterator:
 def _take(iterator: Iterator, count: int) -> Iterator:
     for _, item in zip(range(count), iterator, strict=False):
         yield item
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def machine() -> str:

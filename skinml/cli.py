@@ -13,8 +13,6 @@ import click
 
 from skinml.errors import SkinmlError
 
-log = logging.getLogger("skinml")
-
 DATA_DIR = click.argument("data_dir", required=False, type=click.Path(path_type=Path))
 ALLOW_MISSING = click.option("--allow-missing", is_flag=True,
                              help="Drop metadata rows whose image file is missing.")
@@ -331,11 +329,12 @@ def serve(model_uri: str, port: int, host: str) -> None:
 def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
             isic_csv: Path | None) -> None:
     """Predict image files with a logged or registered model."""
+    from skinml.files import write_atomically
     from skinml.packaging import isic_submission, predict_files
 
     table = predict_files(model_uri, list(images), tta=tta)
     if isic_csv is not None:
-        _write_atomically(isic_csv, isic_submission(table).to_csv(index=False))
+        write_atomically(isic_csv, isic_submission(table).to_csv(index=False))
     if as_json:
         click.echo(table.reset_index().to_json(orient="records", indent=2))
     else:
@@ -373,7 +372,7 @@ def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | 
                                             bootstrap=bootstrap, experiment=experiment))
     from skinml.reports import metrics_markdown
 
-    click.echo(metrics_markdown(result.evaluation.scores, split))
+    click.echo(metrics_markdown(result.scored.scores, split))
     click.echo(f"evaluation run {result.run_id} (report: evaluation_report.md)")
 
 
@@ -385,25 +384,19 @@ def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | 
 def explain(model_uri: str, image: Path, out: Path) -> None:
     """Grad-CAM overlay of one image: where the model looked for its answer."""
     from skinml.data.decode import open_rgb
-    from skinml.explain import explain as grad_cam
+    from skinml.explain import explain as explain_image
+    from skinml.files import write_atomically
     from skinml.labels import CLASSES, DIAGNOSES
     from skinml.packaging import MAX_PIXELS, load_model
 
     picture = open_rgb(image, max_pixels=MAX_PIXELS)
     served = load_model(model_uri).unwrap_python_model()
-    result, index, probability = grad_cam(served, picture)
+    result, index, probability = explain_image(served, picture)
     buffer = io.BytesIO()
     result.save(buffer, format="PNG")
-    _write_atomically(out, buffer.getvalue())
+    write_atomically(out, buffer.getvalue())
     dx = CLASSES[index]
     click.echo(f"{image.name}: {dx} ({DIAGNOSES[dx]}) {probability:.3f}; overlay {out}")
-
-
-def _write_atomically(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: no half-written file is ever left."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 @main.group()

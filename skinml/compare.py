@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skinml import image_sets, reports, tracking
+from skinml import image_sets, reports, run_store, tracking
 from skinml.errors import SkinmlError
 from skinml.metrics import PairedComparison, paired_balanced_accuracy
 from skinml.packaging import load_model, predict_paths
@@ -21,7 +21,7 @@ from skinml.packaging import load_model, predict_paths
 log = logging.getLogger(__name__)
 
 ROUNDS = 2000  # paired bootstrap rounds: the gate's decision sits on a percentile
-SPLITS = ("test", "all")
+SETS = ("test", "all")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ModelComparison:
 def shared_split(run_a: str, run_b: str, split: str = "test",
                  data_dir: str | Path | None = None) -> ImageSet:
     """The `split` images both runs share; an error when their splits are not the same."""
-    if not tracking.same_split(run_a, run_b):
+    if not run_store.same_split(run_a, run_b):
         raise SkinmlError(f"runs {run_a} and {run_b} were not trained on the same split (data "
                           f"digests and split seed differ or were not logged), so their {split} "
                           "splits hold different images")
@@ -105,10 +105,10 @@ class CompareOptions:
 
 def compare(options: CompareOptions) -> tuple[ModelComparison, str]:
     """`skinml compare`: judge both models on one set and log the comparison as a run."""
-    if options.split not in SPLITS:
-        raise SkinmlError(f"--split must be one of {', '.join(SPLITS)}, got {options.split!r}")
-    runs = {"A": tracking.source_run_id(options.uri_a),
-            "B": tracking.source_run_id(options.uri_b)}
+    if options.split not in SETS:
+        raise SkinmlError(f"--split must be one of {', '.join(SETS)}, got {options.split!r}")
+    runs = {"A": run_store.source_run_id(options.uri_a),
+            "B": run_store.source_run_id(options.uri_b)}
     if options.split == "all":
         image_set = folder_set(options.data_dir, runs)
     else:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,23 @@ class ConfigError(SkinmlError):
 
 
 def _opt(default: Any, *, low: float | None = None, high: float | None = None,
-         choices: tuple[str, ...] | None = None, help: str = "") -> Any:
+         choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+         help: str = "") -> Any:
+    """A config field with its rules; `choices` may be a function reading a registry."""
     return field(default=default, metadata={"low": low, "high": high, "choices": choices,
                                             "help": help})
+
+
+def _architectures() -> tuple[str, ...]:
+    from skinml.model import ARCHITECTURES  # the registry; imported when a value is checked
+
+    return tuple(sorted(ARCHITECTURES))
+
+
+def _strategies() -> tuple[str, ...]:
+    from skinml.strategies import STRATEGIES
+
+    return tuple(STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _opt("resnext50_32x4d", help="see skinml.model.ARCHITECTURES")
+    arch: str = _opt("resnext50_32x4d", choices=_architectures)
     pretrained: bool = _opt(False, help="ImageNet weights from torchvision")
     image_size: int = _opt(224, low=16, high=1024)
     crop_pct: float = _opt(0.875, low=0.5, high=1.0, help="eval: resize to size/crop_pct, crop")
@@ -70,8 +85,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class BalanceConfig:
-    strategy: str = _opt("sampler", choices=("none", "oversample", "sampler", "weighted_loss",
-                                             "focal", "logit_adjust"))
+    strategy: str = _opt("sampler", choices=_strategies)
     alpha: float = _opt(0.5, low=0.0, high=2.0,
                         help="sampler/weighted_loss/focal: weight = class_count^-alpha")
     gamma: float = _opt(2.0, low=0.0, high=10.0, help="focal loss focusing")
@@ -225,8 +239,10 @@ def _check_value(key: str, value: Any, hint: Any, rules: dict[str, Any], source:
         raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
-    if rules.get("choices") and value not in rules["choices"]:
-        raise ConfigError(f"{source}: {key} must be one of {', '.join(rules['choices'])}, "
+    choices = rules.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, "
                           f"got {value!r}")
     low, high = rules.get("low"), rules.get("high")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -236,11 +252,6 @@ def _check_value(key: str, value: Any, hint: Any, rules: dict[str, Any], source:
 
 
 def _check_consistency(config: Config, source: str) -> None:
-    from skinml.model import ARCHITECTURES
-
-    if config.model.arch not in ARCHITECTURES:
-        raise ConfigError(f"{source}: model.arch must be one of {', '.join(sorted(ARCHITECTURES))}"
-                          f", got {config.model.arch!r}")
     aug = config.augment
     if aug.scale_min > aug.scale_max:
         raise ConfigError(f"{source}: augment.scale_min ({aug.scale_min}) must not exceed "

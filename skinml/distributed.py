@@ -1,4 +1,4 @@
-"""DistributedDataParallel plumbing (torchrun): process setup and the three loop helpers.
+"""DistributedDataParallel plumbing (torchrun): process setup and the loop helpers.
 
 Under `torchrun` every process trains on its own shard of each epoch's sample order;
 evaluation predictions are gathered so metrics cover the full split; only rank 0 logs,
@@ -72,13 +72,6 @@ def wrap(model: nn.Module, cluster: Cluster, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def gather(value: Any, cluster: Cluster) -> list[Any]:

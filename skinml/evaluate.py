@@ -15,17 +15,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skinml import image_sets, reports, tracking
-from skinml.calibration import apply_temperature
+from skinml import image_sets, reports, run_store, tracking
 from skinml.errors import SkinmlError
-from skinml.evaluation import Evaluation, evaluate_predictions, subgroup_attributes
 from skinml.explain import explain
-from skinml.labels import CLASSES
+from skinml.labels import CLASSES, PROBABILITY_COLUMNS
 from skinml.packaging import load_model, predict_paths
+from skinml.scoring import ScoredSplit, score_split, subgroup_attributes
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("test", "val", "all", "isic")
+SETS = ("test", "val", "all", "isic")
 
 
 @dataclass(frozen=True)
@@ -43,37 +42,38 @@ class EvaluateOptions:
 @dataclass(frozen=True)
 class EvaluateResult:
     run_id: str
-    evaluation: Evaluation
+    scored: ScoredSplit
     report: str
 
 
 def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
-    if options.split not in SPLITS:
-        raise SkinmlError(f"--split must be one of {', '.join(SPLITS)}, got {options.split!r}")
+    if options.split not in SETS:
+        raise SkinmlError(f"--split must be one of {', '.join(SETS)}, got {options.split!r}")
     if options.split == "isic" and (options.truth_csv is None or options.data_dir is None):
         raise SkinmlError("--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES")
     model = load_model(options.model_uri)
     served = model.unwrap_python_model()
-    source = tracking.source_run_id(options.model_uri) if options.split in ("test", "val") else None
+    in_run = options.split in ("test", "val")
+    source = run_store.source_run_id(options.model_uri) if in_run else None
     images = labelled_images(options, source)
     log.info("evaluating %s on %d images (%s)", options.model_uri, len(images), options.split)
-    probs = predict_paths(model, images["path"].tolist(), options.tta)
-    # The served probabilities are softmax(z / T); softmax(T * log p) recovers softmax(z).
-    uncalibrated = apply_temperature(probs, 1 / served.temperature)
+    paths = images["path"].tolist()
+    probs = predict_paths(model, paths, options.tta)
+    uncalibrated = predict_paths(model, paths, options.tta, calibrated=False)
     attributes = subgroup_attributes(images) if "sex" in images else None
-    evaluation = evaluate_predictions(options.split, images["label"].to_numpy(), uncalibrated,
-                                      served.temperature, images["lesion_id"].to_numpy(),
-                                      attributes, n_boot=options.bootstrap)
+    scored = score_split(options.split, images["label"].to_numpy(), uncalibrated,
+                         served.temperature, images["lesion_id"].to_numpy(), attributes,
+                         n_boot=options.bootstrap, served=probs)
     with tracking.evaluation_run(options, source) as run:
-        run.log_evaluation(evaluation)
-        run.log_figures({"gradcam_grid.png": _gradcam_grid(served, images, evaluation,
+        run.log_scored_split(scored)
+        run.log_figures({"gradcam_grid.png": _gradcam_grid(served, images, scored,
                                                            options.gradcam_per_class,
                                                            run.title)})
-        report = _report(options, evaluation, images, run.title)
+        report = _report(options, scored, images, run.title)
         run.log_text(report, "evaluation_report.md")
-        run.log_text(_predictions_table(images, evaluation).to_csv(index=False),
+        run.log_text(_predictions_table(images, scored).to_csv(index=False),
                      "predictions.csv")
-    return EvaluateResult(run.run_id, evaluation, report)
+    return EvaluateResult(run.run_id, scored, report)
 
 
 def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.DataFrame:
@@ -85,15 +85,15 @@ def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.Data
     return image_sets.run_split_images(source_run, options.split, options.data_dir)
 
 
-def _gradcam_grid(served, images: pd.DataFrame, evaluation: Evaluation, per_class: int,
+def _gradcam_grid(served, images: pd.DataFrame, scored: ScoredSplit, per_class: int,
                   title: str):
     """Per class: up to `per_class` correct and `per_class` wrong predictions, explained."""
-    predicted = evaluation.probs.argmax(1)
+    predicted = scored.probs.argmax(1)
     rows = []
     for cls, name in enumerate(CLASSES):
         cells = []
         for correct in (True, False):
-            chosen = np.flatnonzero((evaluation.labels == cls) & ((predicted == cls) == correct))
+            chosen = np.flatnonzero((scored.labels == cls) & ((predicted == cls) == correct))
             for i in chosen[:per_class]:
                 with Image.open(images["path"].iloc[i]) as image:
                     picture, index, p = explain(served, image)
@@ -103,30 +103,30 @@ def _gradcam_grid(served, images: pd.DataFrame, evaluation: Evaluation, per_clas
     return reports.gradcam_grid(rows, title)
 
 
-def _predictions_table(images: pd.DataFrame, evaluation: Evaluation) -> pd.DataFrame:
+def _predictions_table(images: pd.DataFrame, scored: ScoredSplit) -> pd.DataFrame:
     table = pd.DataFrame({"image_id": images["image_id"],
-                          "true": [CLASSES[i] for i in evaluation.labels],
-                          "predicted": [CLASSES[i] for i in evaluation.probs.argmax(1)]})
-    for i, name in enumerate(CLASSES):
-        table[f"p_{name}"] = evaluation.probs[:, i]
+                          "true": [CLASSES[i] for i in scored.labels],
+                          "predicted": [CLASSES[i] for i in scored.probs.argmax(1)]})
+    for i, column in enumerate(PROBABILITY_COLUMNS):
+        table[column] = scored.probs[:, i]
     return table
 
 
-def _report(options: EvaluateOptions, evaluation: Evaluation, images: pd.DataFrame,
+def _report(options: EvaluateOptions, scored: ScoredSplit, images: pd.DataFrame,
             title: str) -> str:
-    per_class = evaluation.per_class.reset_index()
+    per_class = scored.per_class.reset_index()
     parts = [f"# Evaluation: {title}",
              f"Model `{options.model_uri}` on {len(images)} images "
              f"({options.split}{', 8x test-time augmentation' if options.tta else ''}); "
              f"{images['lesion_id'].nunique()} lesions. Confidence intervals: 95 % percentile "
              f"bootstrap over lesions ({options.bootstrap} resamples). Ties for the highest "
              "probability count as wrong, as in the ISIC challenge scorer.",
-             "## Headline metrics", reports.metrics_markdown(evaluation.scores, options.split),
+             "## Headline metrics", reports.metrics_markdown(scored.scores, options.split),
              "## Per class", reports.table_markdown(per_class),
              "Sensitivity/specificity at p > 0.5 follow the ISIC scorer; recall is argmax-based."]
-    if evaluation.subgroups is not None:
+    if scored.subgroups is not None:
         parts += ["## Subgroups (small = fewer than 30 images)",
-                  reports.table_markdown(evaluation.subgroups)]
+                  reports.table_markdown(scored.subgroups)]
     parts += ["## Figures",
               "confusion_matrix.png, confusion_matrix_normalized.png, roc_curves.png, "
               "pr_curves.png, reliability_diagram.png, subgroups.png, gradcam_grid.png"]

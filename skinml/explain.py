@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from skinml.data.decode import fit_to_frame
+from skinml.data.preprocess import Preprocess
 
 
 def target_layer(network: nn.Module) -> nn.Module:
@@ -47,13 +48,11 @@ def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None =
     return cam.cpu().numpy(), index
 
 
-def cam_on_image(cam: np.ndarray, image: Image.Image, frame: tuple[int, int],
-                 image_size: int, crop_pct: float) -> np.ndarray:
+def cam_on_image(cam: np.ndarray, image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     """Map a CAM of the centre crop back to the original image's pixels (zeros elsewhere)."""
-    height, width = frame
-    resize = round(image_size / crop_pct)
-    scale = resize / min(height, width)  # framed image -> resized image
-    crop = image_size / scale  # side of the crop, in framed-image pixels
+    height, width = preprocess.frame
+    scale = preprocess.resize / min(height, width)  # framed image -> resized image
+    crop = preprocess.image_size / scale  # side of the crop, in framed-image pixels
     canvas = np.zeros((height, width), dtype=np.float32)
     top, left = int(round((height - crop) / 2)), int(round((width - crop) / 2))
     side = max(1, int(round(crop)))
@@ -82,13 +81,10 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.I
 def explain(model, image: Image.Image) -> tuple[Image.Image, int, float]:
     """(overlay, predicted class index, its probability) for a loaded SkinLesionModel."""
     rgb = image.convert("RGB")
-    height, width = model.frame  # as served: same frame, same crop
-    pixels = np.array(fit_to_frame(rgb, height, width))[None]
-    inputs = model.transform(torch.from_numpy(pixels).to(model.device))
+    height, width = model.preprocess.frame  # as served: same frame, same crop
+    inputs = model.inputs(np.array(fit_to_frame(rgb, height, width))[None])
     with torch.enable_grad():
         cam, index = grad_cam(model.network, inputs)
     with torch.no_grad():
-        probs = (model.network(inputs).float() / model.temperature).softmax(1)[0]
-    mapped = cam_on_image(cam, rgb, model.frame, model.transform.image_size,
-                          model.transform.image_size / model.transform.resize)
-    return overlay(rgb, mapped), index, float(probs[index])
+        probability = float(model.probabilities(inputs)[0, index])
+    return overlay(rgb, cam_on_image(cam, rgb, model.preprocess)), index, probability

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinml import tracking
+from skinml import run_store
 from skinml.data.metadata import default_data_dir, find_images, load_ham10000
 from skinml.errors import SkinmlError
 from skinml.labels import CLASS_INDEX, ISIC_COLUMNS
@@ -28,9 +28,9 @@ def folder_images(data_dir: str | Path | None) -> pd.DataFrame:
 def run_split_images(run_id: str, split: str, data_dir: str | Path | None = None
                      ) -> pd.DataFrame:
     """The `split` images of a training run, found in `data_dir` or the run's own folder."""
-    data_dir = data_dir or tracking.run_params(run_id).get("data.dir") or default_data_dir()
+    data_dir = data_dir or run_store.run_params(run_id).get("data.dir") or default_data_dir()
     frame = load_ham10000(data_dir)
-    table = tracking.run_table(run_id, "split.csv")
+    table = run_store.run_table(run_id, "split.csv")
     if table is None:
         raise SkinmlError(f"run {run_id} has no split.csv: it is not a skinml training run")
     wanted = table.loc[table["split"] == split, "image_id"]
@@ -85,7 +85,7 @@ def digest(images: pd.DataFrame) -> str:
 
 def training_overlap(images: pd.DataFrame, run_id: str) -> int:
     """How many of `images` the run trained or selected its epoch on (its train/val split)."""
-    table = tracking.run_table(run_id, "split.csv")
+    table = run_store.run_table(run_id, "split.csv")
     if table is None:
         return 0
     seen = set(table.loc[table["split"].isin(["train", "val"]), "image_id"])

@@ -19,6 +19,15 @@ NUM_CLASSES = len(CLASSES)
 
 CLASS_INDEX: dict[str, int] = {dx: i for i, dx in enumerate(CLASSES)}
 
+
+
+def probability_column(dx: str) -> str:
+    """The served model's column holding the probability of diagnosis `dx`."""
+    return f"p_{dx}"
+
+
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(probability_column(dx) for dx in CLASSES)
+
 # ISIC 2018 Task 3 ground-truth and submission columns, in the challenge's order.
 ISIC_COLUMNS: dict[str, str] = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec",
                                 "BKL": "bkl", "DF": "df", "VASC": "vasc"}

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skinml.config import BalanceConfig
 from skinml.data.balance import class_counts, class_weights
+
+if TYPE_CHECKING:
+    from skinml.config import BalanceConfig
 
 
 def _soft_targets(target: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -80,23 +82,19 @@ def _tensor(values: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float32)
 
 
-LossBuilder = Callable[[BalanceConfig, np.ndarray, float], nn.Module]
-
-LOSSES: dict[str, LossBuilder] = {
-    "none": lambda cfg, labels, ls: CrossEntropy(None, ls),
-    "oversample": lambda cfg, labels, ls: CrossEntropy(None, ls),
-    "sampler": lambda cfg, labels, ls: CrossEntropy(None, ls),
-    "weighted_loss": lambda cfg, labels, ls: CrossEntropy(
-        _tensor(class_weights(labels, cfg.alpha)), ls),
-    "focal": lambda cfg, labels, ls: FocalLoss(
-        cfg.gamma, _tensor(class_weights(labels, cfg.alpha)) if cfg.focal_class_weights
-        else None, ls),
-    "logit_adjust": lambda cfg, labels, ls: LogitAdjustedLoss(
-        _tensor(class_counts(labels) / len(labels)), cfg.tau, ls),
-}
+def plain_loss(config: BalanceConfig, labels: np.ndarray, smoothing: float) -> nn.Module:
+    return CrossEntropy(None, smoothing)
 
 
-def build_loss(config: BalanceConfig, train_labels: np.ndarray,
-               label_smoothing: float = 0.0) -> nn.Module:
-    """The training loss for `config.strategy`, fitted to the training labels."""
-    return LOSSES[config.strategy](config, train_labels, label_smoothing)
+def weighted_loss(config: BalanceConfig, labels: np.ndarray, smoothing: float) -> nn.Module:
+    return CrossEntropy(_tensor(class_weights(labels, config.alpha)), smoothing)
+
+
+def focal_loss(config: BalanceConfig, labels: np.ndarray, smoothing: float) -> nn.Module:
+    weights = _tensor(class_weights(labels, config.alpha)) if config.focal_class_weights else None
+    return FocalLoss(config.gamma, weights, smoothing)
+
+
+def logit_adjusted_loss(config: BalanceConfig, labels: np.ndarray, smoothing: float
+                        ) -> nn.Module:
+    return LogitAdjustedLoss(_tensor(class_counts(labels) / len(labels)), config.tau, smoothing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.error import URLError
 
 import torch
@@ -12,12 +13,11 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import Bottleneck
 
-from skinml.config import ModelConfig
 from skinml.errors import SkinmlError
 from skinml.labels import NUM_CLASSES
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+if TYPE_CHECKING:
+    from skinml.config import ModelConfig
 
 
 class ModelError(SkinmlError):

@@ -26,10 +26,16 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from skinml.config import ModelConfig
-from skinml.data.augment import EvalTransform
 from skinml.data.decode import fit_to_frame, open_rgb
+from skinml.data.preprocess import Preprocess
 from skinml.errors import SkinmlError
-from skinml.labels import CLASSES, DIAGNOSES, ISIC_COLUMNS
+from skinml.labels import (
+    CLASSES,
+    DIAGNOSES,
+    ISIC_COLUMNS,
+    PROBABILITY_COLUMNS,
+    probability_column,
+)
 from skinml.model import build_model
 
 WEIGHTS_FORMAT = 1
@@ -44,8 +50,10 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("string", "diagnosis"),
                     ColSpec("double", "confidence"),
-                    *[ColSpec("double", f"p_{dx}") for dx in CLASSES]]),
-    params=ParamSchema([ParamSpec("tta", "boolean", False)]),
+                    *[ColSpec("double", column) for column in PROBABILITY_COLUMNS]]),
+    # calibrated=false returns softmax(z) without the temperature (for skinml evaluate).
+    params=ParamSchema([ParamSpec("tta", "boolean", False),
+                        ParamSpec("calibrated", "boolean", True)]),
 )
 
 
@@ -56,9 +64,9 @@ def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 
     `temperature` (fitted on validation) divides the logits, so served probabilities are
     calibrated.
     """
+    preprocess = Preprocess(model.image_size, model.crop_pct, tuple(frame))
     return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
-            "image_size": model.image_size, "crop_pct": model.crop_pct,
-            "frame": list(frame), "temperature": float(temperature)}
+            **preprocess.to_meta(), "temperature": float(temperature)}
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -77,31 +85,42 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         meta = payload["meta"]
         if tuple(meta["classes"]) != CLASSES:
             raise MlflowException(f"model classes {meta['classes']} differ from {CLASSES}")
-        config = ModelConfig(arch=meta["arch"], pretrained=False, image_size=meta["image_size"],
-                             crop_pct=meta["crop_pct"], drop_rate=meta["drop_rate"])
+        self.preprocess = Preprocess.from_meta(meta)
+        config = ModelConfig(arch=meta["arch"], pretrained=False,
+                             image_size=self.preprocess.image_size,
+                             crop_pct=self.preprocess.crop_pct, drop_rate=meta["drop_rate"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.network = build_model(config)
         self.network.load_state_dict(payload["weights"])
         self.network.to(self.device).eval()
-        self.transform = EvalTransform(meta["image_size"], meta["crop_pct"]).to(self.device)
-        self.frame = tuple(meta["frame"])
+        self.transform = self.preprocess.eval_transform().to(self.device)
         self.temperature = float(meta.get("temperature", 1.0))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
         images = _image_column(model_input)
-        tta = bool((params or {}).get("tta", False))
-        probs = np.concatenate([self._probabilities(images[i:i + CHUNK], i, tta)
+        params = params or {}
+        tta, calibrated = bool(params.get("tta", False)), bool(params.get("calibrated", True))
+        probs = np.concatenate([self._batch_probabilities(images[i:i + CHUNK], i, tta, calibrated)
                                 for i in range(0, len(images), CHUNK)])
         return probability_table(probs)
 
+    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """Network input from uint8 (B, H, W, 3) images already fitted to the frame."""
+        return self.transform(torch.from_numpy(pixels).to(self.device))
+
+    def probabilities(self, inputs: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """softmax(logits / T): the served probabilities (T = 1 when not `calibrated`)."""
+        temperature = self.temperature if calibrated else 1.0
+        return (self.network(inputs).float() / temperature).softmax(1)
+
     @torch.no_grad()
-    def _probabilities(self, encoded: list[Any], offset: int, tta: bool) -> np.ndarray:
+    def _batch_probabilities(self, encoded: list[Any], offset: int, tta: bool,
+                             calibrated: bool) -> np.ndarray:
         pixels = np.stack([self._decode(value, offset + i) for i, value in enumerate(encoded)])
-        inputs = self.transform(torch.from_numpy(pixels).to(self.device))
+        inputs = self.inputs(pixels)
         views = _dihedral(inputs) if tta else [inputs]
-        probs = torch.stack([(self.network(view).float() / self.temperature).softmax(1)
-                             for view in views]).mean(0)
+        probs = torch.stack([self.probabilities(view, calibrated) for view in views]).mean(0)
         return probs.cpu().numpy().astype(np.float64)
 
     def _decode(self, value: Any, row: int) -> np.ndarray:
@@ -111,7 +130,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise _bad_input(f"row {row}: image is not valid base64") from None
-        height, width = self.frame
+        height, width = self.preprocess.frame
         try:
             # Decoded exactly as the training cache decoded it (same JPEG draft scale).
             image = open_rgb(io.BytesIO(raw), draft_to=(2 * width, 2 * height),
@@ -128,7 +147,7 @@ def probability_table(probs: np.ndarray) -> pd.DataFrame:
         "label": [CLASSES[i] for i in best],
         "diagnosis": [DIAGNOSES[CLASSES[i]] for i in best],
         "confidence": probs[np.arange(len(probs)), best],
-        **{f"p_{dx}": probs[:, i] for i, dx in enumerate(CLASSES)},
+        **{column: probs[:, i] for i, column in enumerate(PROBABILITY_COLUMNS)},
     })
 
 
@@ -155,9 +174,21 @@ def pinned_requirements() -> list[str]:
     return [f"{name}=={package_metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
 
 
-def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: bytes
+def example_jpeg(path: str, max_side: int = 96) -> bytes:
+    """A small JPEG of a real image: the logged model's input example."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: str
               ) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc model named `model` to the active run."""
+    """Log the pyfunc model named `model` to the active run (`example_image`: a file)."""
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = Path(tmp) / "weights.pt"
         save_weights(weights_path, weights, meta)
@@ -170,7 +201,7 @@ def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_im
             artifacts={"weights": str(weights_path)},
             code_paths=[str(code)],
             signature=SIGNATURE,
-            input_example=pd.DataFrame({"image": [encode_image(example_image)]}),
+            input_example=pd.DataFrame({"image": [encode_image(example_jpeg(example_image))]}),
             pip_requirements=pinned_requirements(),
         )
 
@@ -195,8 +226,8 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
     return table
 
 
-def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False
-                  ) -> np.ndarray:
+def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False,
+                  calibrated: bool = True) -> np.ndarray:
     """Class probabilities (rows in `paths` order) of image files, exactly as served.
 
     Files are read and encoded a chunk at a time, so a 10,000-image set never sits in
@@ -206,13 +237,13 @@ def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool 
     for start in range(0, len(paths), _FILE_CHUNK):
         frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes())
                                         for p in paths[start:start + _FILE_CHUNK]]})
-        table = model.predict(frame, params={"tta": tta})
-        chunks.append(table[[f"p_{c}" for c in CLASSES]].to_numpy(dtype=np.float64))
+        table = model.predict(frame, params={"tta": tta, "calibrated": calibrated})
+        chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
     return np.concatenate(chunks)
 
 
 def isic_submission(table: pd.DataFrame) -> pd.DataFrame:
     """ISIC 2018 Task 3 format: image, MEL, NV, BCC, AKIEC, BKL, DF, VASC."""
     return pd.DataFrame({"image": table.index,
-                         **{column: table[f"p_{dx}"].to_numpy()
+                         **{column: table[probability_column(dx)].to_numpy()
                             for column, dx in ISIC_COLUMNS.items()}})

@@ -24,7 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from skinml import compare, model_card, tracking
+from skinml import compare, model_card, run_store, tracking
 from skinml.compare import ImageSet, ModelComparison
 from skinml.errors import SkinmlError
 
@@ -185,7 +185,7 @@ def gate_set(challenger_run: str, compared: ModelVersion, gate_data: str | None)
             compared.run_id}
     if gate_data is not None:
         return compare.folder_set(gate_data, runs)
-    if not tracking.same_split(challenger_run, compared.run_id):
+    if not run_store.same_split(challenger_run, compared.run_id):
         raise NoSharedImages(f"run {challenger_run} and champion version {compared.version} "
                             f"(run {compared.run_id}) were not trained on the same split, so "
                             "their test splits hold different images: pass --gate-data DIR, a "
@@ -256,7 +256,7 @@ def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str,
     """The card into the logged model's artifacts, and a version tag naming the file."""
     card = model_card.render(name, version, run.info.run_id, run.info.run_name,
                              run.data.params, run.data.metrics,
-                             tracking.run_table(run.info.run_id, "subgroups.csv"),
+                             run_store.run_table(run.info.run_id, "subgroups.csv"),
                              _split_counts(run.info.run_id), gate)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / card_file(version)
@@ -266,7 +266,7 @@ def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str,
 
 
 def _split_counts(run_id: str) -> pd.DataFrame | None:
-    split = tracking.run_table(run_id, "split.csv")
+    split = run_store.run_table(run_id, "split.csv")
     if split is None:
         return None
     counts = pd.crosstab(split["dx"], split["split"]).reindex(columns=["train", "val", "test"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are only saved
@@ -12,7 +14,36 @@ from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from skinml.labels import CLASSES, DIAGNOSES  # noqa: E402
-from skinml.metrics import confusion  # noqa: E402
+from skinml.metrics import classification_report, confusion  # noqa: E402
+
+
+def split_figures(scored, title: str) -> dict[str, Figure]:
+    """Every figure logged for a scored split (a scoring.ScoredSplit), by artifact name."""
+    labels, probs = scored.labels, scored.probs
+    figures = {
+        "confusion_matrix.png": confusion_matrix_figure(labels, probs, title),
+        "confusion_matrix_normalized.png": confusion_matrix_figure(labels, probs, title,
+                                                                   normalize=True),
+        "roc_curves.png": roc_figure(labels, probs, title),
+        "pr_curves.png": pr_figure(labels, probs, title),
+        "reliability_diagram.png": reliability_figure(labels, scored.uncalibrated, probs,
+                                                      scored.temperature, title),
+    }
+    if scored.subgroups is not None:
+        figures["subgroups.png"] = subgroup_figure(scored.subgroups, title)
+    return figures
+
+
+def split_tables(scored) -> dict[str, str]:
+    """Every text artifact logged for a scored split, by artifact name."""
+    labels, probs = scored.labels, scored.probs
+    tables = {"classification_report.txt": classification_report(labels, probs),
+              "classification_report.json": json.dumps(
+                  classification_report(labels, probs, as_dict=True), indent=2),
+              "per_class_metrics.csv": scored.per_class.to_csv()}
+    if scored.subgroups is not None:
+        tables["subgroups.csv"] = scored.subgroups.to_csv(index=False)
+    return tables
 
 
 def confusion_matrix_figure(labels: np.ndarray, probs: np.ndarray, title: str,

@@ -11,19 +11,21 @@ import pandas as pd
 import torch
 
 from skinml.calibration import fit_temperature
+from skinml.checkpoint import checkpoint_config
 from skinml.config import Config, ConfigError, DataConfig, build_config
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
-from skinml.data.augment import EvalTransform
 from skinml.data.cache import ImageCache, cache_root, prepare_cache
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
+from skinml.device import resolve_device, seed_everything
 from skinml.distributed import Cluster, barrier, close_cluster, device_for, gather, init_cluster
-from skinml.engine import EpochResult, evaluate_split, fit, resolve_device, seed_everything
-from skinml.evaluation import evaluate_predictions, subgroup_attributes
+from skinml.engine import CheckpointFile, EpochResult, fit, predict_split
 from skinml.metrics import compute_metrics
 from skinml.model import build_model
 from skinml.packaging import model_meta
-from skinml.tracking import TrainingRun, example_image_bytes, training_run
+from skinml.recipe import TrainSettings
+from skinml.scoring import score_split, subgroup_attributes
+from skinml.tracking import RunLog, training_run
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ class SplitBatches:
     test: CachedBatches
 
 
-def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: TrainingRun | None,
+def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunLog | None,
                hooks: RunHooks, resume_run_id: str | None, cluster: Cluster) -> TrainResult:
     """The training proper; `run` is None on the ranks that do not log."""
     run_id = gather(run.run_id if run else None, cluster)[0]
@@ -141,25 +143,26 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: Trai
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(result)
 
-    outcome = fit(model, sets.train, sets.val, config, checkpoint_path(config, run_id),
+    settings = TrainSettings.from_config(config)
+    outcome = fit(model, sets.train, sets.val, settings,
+                  CheckpointFile(checkpoint_path(config, run_id), config.to_dict()),
                   on_epoch_end=on_epoch_end if run is not None else None,
                   resume=resume_run_id is not None, cluster=cluster)
     model.load_state_dict(outcome.best_weights)
-    transform = EvalTransform(config.model.image_size, config.model.crop_pct).to(
-        sets.test.device)
+    transform = settings.preprocess.eval_transform().to(sets.test.device)
     # Temperature scaling is fitted on validation, never on the test split it is judged on.
-    val = evaluate_split(model, sets.val, transform, cluster=cluster)
+    val = predict_split(model, sets.val, transform, cluster=cluster)
     temperature = fit_temperature(val.probs, val.labels)
-    output = evaluate_split(model, sets.test, transform, cluster=cluster)
+    output = predict_split(model, sets.test, transform, cluster=cluster)
     if run is None:
         return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
                            compute_metrics(output.labels, output.probs))
     rows = data.frame[data.split == "test"]
-    evaluation = evaluate_predictions("test", output.labels, output.probs, temperature,
+    scored = score_split("test", output.labels, output.probs, temperature,
                                       groups=rows["lesion_id"].to_numpy(),
                                       attributes=subgroup_attributes(rows),
                                       n_boot=config.runtime.bootstrap, seed=config.runtime.seed)
-    test = run.log_evaluation(evaluation)
+    test = run.log_scored_split(scored)
     log.info("test balanced accuracy %.4f (%d images), temperature %.2f",
              test["balanced_accuracy"], len(output.labels), temperature)
     run.log_summary({"best_epoch": outcome.best_epoch,
@@ -178,13 +181,12 @@ def _prepare_in_turn(config: Config, cluster: Cluster) -> PreparedData:
     return data
 
 
-def _log_model(run: TrainingRun, model: torch.nn.Module, data: PreparedData,
+def _log_model(run: RunLog, model: torch.nn.Module, data: PreparedData,
                config: Config, temperature: float) -> str:
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
     example = data.frame.loc[data.split == "test", "path"].iloc[0]
-    return run.log_model(weights, model_meta(config.model, frame_hw, temperature),
-                         example_image_bytes(example))
+    return run.log_model(weights, model_meta(config.model, frame_hw, temperature), example)
 
 
 def _run_name(config: Config) -> str:
@@ -197,5 +199,4 @@ def _run_name(config: Config) -> str:
 def _config_of_checkpoint(path: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"no checkpoint to resume at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return build_config(payload["config"], source=str(path))
+    return build_config(checkpoint_config(path), source=str(path))

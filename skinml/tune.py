@@ -24,6 +24,7 @@ from skinml import tracking
 from skinml.config import Config, load_config
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
+from skinml.retry import is_table_race, retry_table_race
 from skinml.search_space import Dimension, load_search_space
 from skinml.train import PreparedData, RunHooks, prepare_data, train
 
@@ -81,8 +82,8 @@ PRUNERS = {
 def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
     """Create or load (resume) the study; heartbeats fail and retry a dead worker's trial.
 
-    Workers started together on a fresh database race to create Optuna's tables; the
-    loser's CREATE fails on a unique constraint and simply tries again.
+    Workers started together on a fresh database race to create Optuna's tables
+    (`skinml.retry`).
     """
     for name, value, registry in (("sampler", options.sampler, SAMPLERS),
                                   ("pruner", options.pruner, PRUNERS)):
@@ -90,19 +91,7 @@ def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
             raise SkinmlError(f"--{name} must be one of {', '.join(sorted(registry))}, "
                               f"got {value!r}")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    for attempt in range(1, attempts + 1):
-        try:
-            return _open_study(options)
-        except _TableRace:
-            if attempt == attempts:
-                raise SkinmlError(f"cannot create the tables of {masked(options.storage)}: "
-                                  "other workers kept racing") from None
-            time.sleep(0.5 * attempt)
-    raise AssertionError("unreachable")
-
-
-class _TableRace(Exception):
-    pass
+    return retry_table_race(lambda: _open_study(options), masked(options.storage), attempts)
 
 
 def _open_study(options: TuneOptions) -> optuna.Study:
@@ -119,9 +108,7 @@ def _open_study(options: TuneOptions) -> optuna.Study:
         raise SkinmlError(f"cannot open study {options.study_name!r} at "
                           f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # SQLAlchemy connection errors and the like
-        if "already exists" in str(exc) or "duplicate key" in str(exc):
-            raise _TableRace() from exc
-        if type(exc).__module__.startswith("sqlalchemy"):
+        if type(exc).__module__.startswith("sqlalchemy") and not is_table_race(exc):
             raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
                               f"{str(exc).splitlines()[0]}") from None
         raise

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from skinml.config import build_config
-from skinml.data.augment import EvalTransform
 from skinml.data.cache import cache_root
+from skinml.data.preprocess import EvalTransform
 from skinml.distributed import Cluster, shard
-from skinml.engine import evaluate_split
+from skinml.engine import predict_split
 from skinml.metrics import compute_metrics
 from skinml.model import build_model
 from skinml.train import batches_for, prepare_data
@@ -84,8 +84,8 @@ def test_two_process_run_logs_once_with_full_split_metrics(tracking, make_folder
     model = build_model(config.model)
     model.load_state_dict(payload["model"])
     val = batches_for(prepare_data(config), "val", 64, torch.device("cpu"))
-    output = evaluate_split(model, val, EvalTransform(config.model.image_size,
-                                                      config.model.crop_pct))
+    output = predict_split(model, val, EvalTransform(config.model.image_size,
+                                                     config.model.crop_pct))
     assert len(output.labels) == len(val)
     scores = compute_metrics(output.labels, output.probs)
     assert history[-1].value == pytest.approx(scores["balanced_accuracy"], abs=1e-9)

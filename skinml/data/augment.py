@@ -1,9 +1,9 @@
-"""Batched augmentation and evaluation preprocessing on the training device.
+"""Batched augmentation on the training device.
 
 Every image of a batch gets its own random resized crop, flips and rotation, all folded
 into one affine map and applied by a single `grid_sample`, then its own colour jitter:
-no per-image Python work, so a GPU augments a batch in well under a millisecond. Eval
-preprocessing (resize, centre crop) is the same function the served model applies.
+no per-image Python work, so a GPU augments a batch in well under a millisecond. Without
+randomness it gives exactly the evaluation view (`skinml.data.preprocess`).
 """
 
 from __future__ import annotations
@@ -16,51 +16,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 from skinml.config import AugmentConfig
+from skinml.data.preprocess import Normalize, resize_shorter, to_float
 from skinml.labels import NUM_CLASSES
-from skinml.model import IMAGENET_MEAN, IMAGENET_STD
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
-    return images.permute(0, 3, 1, 2).float().div_(255)
-
-
-def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize of (B, 3, H, W) so the shorter side is `size`."""
-    height, width = images.shape[-2:]
-    scale = size / min(height, width)
-    target = (max(size, round(height * scale)), max(size, round(width * scale)))
-    if target == (height, width):
-        return images
-    return F.interpolate(images, size=target, mode="bilinear", antialias=True,
-                         align_corners=False)
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
-
-
-class EvalTransform(nn.Module):
-    """uint8 (B, H, W, 3) -> normalised (B, 3, S, S): resize to S/crop_pct, centre-crop S."""
-
-    def __init__(self, image_size: int, crop_pct: float) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.resize = round(image_size / crop_pct)
-        self.normalize = Normalize()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = resize_shorter(to_float(images), self.resize)
-        height, width = x.shape[-2:]
-        top, left = (height - self.image_size) // 2, (width - self.image_size) // 2
-        x = x[..., top:top + self.image_size, left:left + self.image_size]
-        return self.normalize(x)
 
 
 class TrainAugment(nn.Module):

@@ -4,17 +4,20 @@
 class (the seed project's approach, done with indices instead of copied files);
 `sampler` draws with replacement with weights proportional to class_count^-alpha.
 The loss-side strategies (weighted_loss, focal, logit_adjust) see every image once.
+Which strategy uses which order is `skinml.strategies.STRATEGIES`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from skinml.config import BalanceConfig
 from skinml.labels import NUM_CLASSES
+
+if TYPE_CHECKING:
+    from skinml.config import BalanceConfig
 
 
 def class_counts(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -32,11 +35,11 @@ def class_weights(labels: np.ndarray, alpha: float) -> np.ndarray:
     return weights * counts.sum() / (weights * counts).sum()
 
 
-def _shuffled(labels: np.ndarray, config: BalanceConfig, generator: torch.Generator) -> np.ndarray:
+def shuffled(labels: np.ndarray, config: BalanceConfig, generator: torch.Generator) -> np.ndarray:
     return torch.randperm(len(labels), generator=generator).numpy()
 
 
-def _oversampled(labels: np.ndarray, config: BalanceConfig,
+def oversampled(labels: np.ndarray, config: BalanceConfig,
                  generator: torch.Generator) -> np.ndarray:
     counts = class_counts(labels)
     target = int(round(config.oversample_ratio * counts.max()))
@@ -51,25 +54,7 @@ def _oversampled(labels: np.ndarray, config: BalanceConfig,
     return order[torch.randperm(len(order), generator=generator).numpy()]
 
 
-def _weighted_draws(labels: np.ndarray, config: BalanceConfig,
+def weighted_draws(labels: np.ndarray, config: BalanceConfig,
                     generator: torch.Generator) -> np.ndarray:
     weights = torch.as_tensor(class_weights(labels, config.alpha)[labels])
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator).numpy()
-
-
-EpochOrder = Callable[[np.ndarray, BalanceConfig, torch.Generator], np.ndarray]
-
-EPOCH_ORDERS: dict[str, EpochOrder] = {
-    "none": _shuffled,
-    "oversample": _oversampled,
-    "sampler": _weighted_draws,
-    "weighted_loss": _shuffled,
-    "focal": _shuffled,
-    "logit_adjust": _shuffled,
-}
-
-
-def epoch_order(labels: np.ndarray, config: BalanceConfig,
-                generator: torch.Generator) -> np.ndarray:
-    """Positions into `labels` to visit this epoch, per `config.strategy`."""
-    return EPOCH_ORDERS[config.strategy](labels, config, generator)

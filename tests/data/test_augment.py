@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from skinml.config import AugmentConfig
-from skinml.data.augment import EvalTransform, TrainAugment, resize_shorter, to_float
+from skinml.data.augment import TrainAugment
+from skinml.data.preprocess import EvalTransform, resize_shorter, to_float
 
 torch.manual_seed(0)
 IMAGES = torch.randint(0, 256, (6, 48, 64, 3), dtype=torch.uint8)

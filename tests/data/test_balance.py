@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from skinml.config import BalanceConfig
-from skinml.data.balance import class_weights, epoch_order
+from skinml.data.balance import class_weights
+from skinml.strategies import epoch_order
 
 LABELS = np.repeat(np.arange(7), [20, 30, 60, 5, 60, 400, 8])
 

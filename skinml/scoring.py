@@ -1,6 +1,7 @@
-"""One evaluation of a model on a labelled split: metrics with lesion-bootstrap confidence
-intervals, calibration before and after temperature scaling, and subgroup tables. Pure
-numbers (no MLflow): training and `skinml evaluate` both log what this returns."""
+"""Everything reported about a model's predictions on one labelled split: metrics with
+lesion-bootstrap confidence intervals, calibration before and after temperature scaling,
+and subgroup tables. Pure numbers (no MLflow): training and `skinml evaluate` both log
+what `score_split` returns."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from skinml.metrics import (
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class ScoredSplit:
     split: str
     labels: np.ndarray
     probs: np.ndarray  # calibrated: what the served model answers
@@ -42,13 +43,18 @@ def subgroup_attributes(frame: pd.DataFrame) -> pd.DataFrame:
                          "localization": frame["localization"].fillna("unknown").to_numpy()})
 
 
-def evaluate_predictions(split: str, labels: np.ndarray, uncalibrated: np.ndarray,
-                         temperature: float, groups: np.ndarray,
-                         attributes: pd.DataFrame | None = None, n_boot: int = 1000,
-                         seed: int = 0) -> Evaluation:
-    """Everything reported about `split`; `groups` are lesion ids (what the bootstrap resamples)."""
+def score_split(split: str, labels: np.ndarray, uncalibrated: np.ndarray,
+                temperature: float, groups: np.ndarray,
+                attributes: pd.DataFrame | None = None, n_boot: int = 1000, seed: int = 0,
+                served: np.ndarray | None = None) -> ScoredSplit:
+    """Everything reported about `split`; `groups` are lesion ids (what the bootstrap resamples).
+
+    `served` are the calibrated probabilities exactly as the model serves them (with
+    test-time augmentation they are the mean of tempered softmaxes); without them they are
+    computed from `uncalibrated` and `temperature`.
+    """
     labels = np.asarray(labels)
-    probs = apply_temperature(uncalibrated, temperature)
+    probs = apply_temperature(uncalibrated, temperature) if served is None else served
     per_class = per_class_metrics(labels, probs)
     scores = compute_metrics(labels, probs, per_class)
     if n_boot:
@@ -64,5 +70,5 @@ def evaluate_predictions(split: str, labels: np.ndarray, uncalibrated: np.ndarra
     })
     subgroups = (subgroup_metrics(labels, probs, attributes)
                  if attributes is not None else None)
-    return Evaluation(split, labels, probs, np.asarray(uncalibrated), float(temperature),
-                      scores, per_class, subgroups)
+    return ScoredSplit(split, labels, probs, np.asarray(uncalibrated), float(temperature),
+                       scores, per_class, subgroups)

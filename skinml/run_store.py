@@ -1,0 +1,73 @@
+"""Reading runs back from MLflow: params, CSV artifacts, the split a run used, the run
+behind a model URI. `tracking.py` writes runs; this module only reads them."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from skinml.data import SPLITS
+from skinml.errors import SkinmlError
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    return MlflowClient().get_run(run_id).data.params
+
+
+def download_run_artifact(run_id: str, path: str) -> str:
+    try:
+        return MlflowClient().download_artifacts(run_id, path)
+    except (mlflow.exceptions.MlflowException, OSError):
+        raise SkinmlError(f"run {run_id} has no artifact {path}") from None
+
+
+def same_split(run_a: str, run_b: str) -> bool:
+    """Whether two training runs logged the same data digests and split seed."""
+    client = MlflowClient()
+    first, second = (split_signature(client.get_run(r)) for r in (run_a, run_b))
+    return first is not None and first == second
+
+
+def split_signature(run: Run) -> tuple[str, ...] | None:
+    """What makes two runs' splits the same images: the digest of each logged split's data
+    and the split seed. None when the run did not log them all (then nothing is assumed)."""
+    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    seed = run.data.params.get("data.split_seed")
+    names = [dataset_name(split) for split in SPLITS]
+    if seed is None or any(name not in digests for name in names):
+        return None
+    return (*(f"{name}:{digests[name]}" for name in names), f"data.split_seed:{seed}")
+
+
+def dataset_name(split: str) -> str:
+    """The MLflow dataset a training run logs for one split (its digest identifies it)."""
+    return f"ham10000-{split}"
+
+
+def run_table(run_id: str, path: str) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame, or None when the run has no such file."""
+    try:
+        return pd.read_csv(download_run_artifact(run_id, path))
+    except SkinmlError:
+        return None
+
+
+def source_run_id(model_uri: str) -> str:
+    """The training run behind runs:/ID/..., models:/NAME/VERSION, @ALIAS or models:/m-ID."""
+    client = MlflowClient()
+    try:
+        if model_uri.startswith("runs:/"):
+            return model_uri.removeprefix("runs:/").split("/", 1)[0]
+        target = model_uri.removeprefix("models:/")
+        if target.startswith("m-"):
+            return client.get_logged_model(target.split("/", 1)[0]).source_run_id
+        if "@" in target:
+            model, alias = target.split("@", 1)
+            return client.get_model_version_by_alias(model, alias).run_id
+        model, version = target.rsplit("/", 1)
+        return client.get_model_version(model, version).run_id
+    except (MlflowException, ValueError):
+        raise SkinmlError(f"cannot find the run behind model {model_uri}") from None
