@@ -24,6 +24,10 @@ ROUNDS = 2000  # paired bootstrap rounds: the gate's decision sits on a percenti
 SETS = ("test", "all")
 
 
+class NotSameSplit(SkinmlError):
+    """Two runs split their data differently: their test splits are different images."""
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """Labelled images two models are judged on, and how to name them in a record."""
@@ -58,7 +62,7 @@ def shared_split(run_a: str, run_b: str, split: str = "test",
                  data_dir: str | Path | None = None) -> ImageSet:
     """The `split` images both runs share; an error when their splits are not the same."""
     if not run_store.same_split(run_a, run_b):
-        raise SkinmlError(f"runs {run_a} and {run_b} were not trained on the same split (data "
+        raise NotSameSplit(f"runs {run_a} and {run_b} were not trained on the same split (data "
                           f"digests and split seed differ or were not logged), so their {split} "
                           "splits hold different images")
     images = image_sets.run_split_images(run_a, split, data_dir)
@@ -114,7 +118,7 @@ def compare(options: CompareOptions) -> tuple[ModelComparison, str]:
     else:
         try:
             image_set = shared_split(runs["A"], runs["B"], "test", options.data_dir)
-        except SkinmlError as exc:
+        except NotSameSplit as exc:
             raise SkinmlError(f"{exc}: compare them on a folder neither trained on with "
                               "--split all --data-dir DIR") from None
     comparison = compare_models(options.uri_a, options.uri_b, image_set, options.rounds,

@@ -185,12 +185,13 @@ def gate_set(challenger_run: str, compared: ModelVersion, gate_data: str | None)
             compared.run_id}
     if gate_data is not None:
         return compare.folder_set(gate_data, runs)
-    if not run_store.same_split(challenger_run, compared.run_id):
+    try:
+        return compare.shared_split(challenger_run, compared.run_id, "test")
+    except compare.NotSameSplit:
         raise NoSharedImages(f"run {challenger_run} and champion version {compared.version} "
-                            f"(run {compared.run_id}) were not trained on the same split, so "
-                            "their test splits hold different images: pass --gate-data DIR, a "
-                            "labelled HAM10000 folder to judge both models on")
-    return compare.shared_split(challenger_run, compared.run_id, "test")
+                             f"(run {compared.run_id}) were not trained on the same split, so "
+                             "their test splits hold different images: pass --gate-data DIR, "
+                             "a labelled HAM10000 folder to judge both models on") from None
 
 
 def _decide(compared: ModelVersion | None, judged: ModelComparison | None, note: str,
