@@ -58,8 +58,10 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     images = labelled_images(options, source)
     log.info("evaluating %s on %d images (%s)", options.model_uri, len(images), options.split)
     paths = images["path"].tolist()
-    probs = predict_paths(model, paths, options.tta)
     uncalibrated = predict_paths(model, paths, options.tta, calibrated=False)
+    # Without TTA the served softmax(z / T) is exactly the temperature applied to softmax(z);
+    # with TTA it is a mean of tempered views, so only then is a second pass needed.
+    probs = predict_paths(model, paths, tta=True) if options.tta else None
     attributes = subgroup_attributes(images) if "sex" in images else None
     scored = score_split(options.split, images["label"].to_numpy(), uncalibrated,
                          served.temperature, images["lesion_id"].to_numpy(), attributes,
