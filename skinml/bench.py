@@ -20,13 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from skinml.balance import epoch_order
 from skinml.config import Config
 from skinml.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from skinml.device import resolve_device, synchronize
 from skinml.engine import train_one_epoch
 from skinml.model import build_model
 from skinml.recipe import TrainSettings, build_augment, build_step_tools
-from skinml.strategies import epoch_order
 from skinml.train import batches_for, prepare_data
 
 

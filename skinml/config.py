@@ -41,7 +41,7 @@ def _architectures() -> tuple[str, ...]:
 
 
 def _strategies() -> tuple[str, ...]:
-    from skinml.strategies import STRATEGIES
+    from skinml.balance import STRATEGIES
 
     return tuple(STRATEGIES)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from skinml.balance import epoch_order
 from skinml.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from skinml.data.loader import CachedBatches
 from skinml.data.preprocess import EvalTransform
@@ -30,7 +31,6 @@ from skinml.device import seed_everything, synchronize
 from skinml.distributed import SINGLE, Cluster, gather, shard, sync_buffers, wrap
 from skinml.metrics import compute_metrics
 from skinml.recipe import StepTools, TrainSettings, build_step_tools
-from skinml.strategies import epoch_order
 
 log = logging.getLogger(__name__)
 

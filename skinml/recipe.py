@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from skinml.balance import build_loss
 from skinml.config import AugmentConfig, BalanceConfig, Config, OptimConfig
 from skinml.data.augment import TrainAugment
 from skinml.data.preprocess import Preprocess
 from skinml.device import Precision, precision_for
-from skinml.strategies import build_loss
 
 
 @dataclass(frozen=True)

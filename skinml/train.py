@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from skinml.data.cache import ImageCache, cache_root, prepare_cache
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
 from skinml.device import resolve_device, seed_everything
-from skinml.distributed import Cluster, barrier, close_cluster, device_for, gather, init_cluster
+from skinml.distributed import (
+    SINGLE,
+    Cluster,
+    barrier,
+    close_cluster,
+    device_for,
+    gather,
+    init_cluster,
+)
 from skinml.engine import CheckpointFile, EpochResult, fit, predict_split
 from skinml.metrics import compute_metrics
 from skinml.model import build_model
@@ -58,8 +67,20 @@ class RunHooks:
     on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id
 
 
-def prepare_data(config: Config) -> PreparedData:
-    """Load the folder, split by lesion (checked for leakage), and open the decode-once cache."""
+def prepare_data(config: Config, cluster: Cluster = SINGLE) -> PreparedData:
+    """Load the folder, split by lesion (checked for leakage), and open the decode-once cache.
+
+    Under torchrun rank 0 builds the cache first; the other ranks then find it complete.
+    """
+    if not cluster.is_main:
+        barrier(cluster)
+    data = _prepare(config)
+    if cluster.is_main:
+        barrier(cluster)
+    return data
+
+
+def _prepare(config: Config) -> PreparedData:
     data = config.data
     source = str(Path(data.dir).expanduser() if data.dir else default_data_dir())
     frame = load_ham10000(source, allow_missing=data.allow_missing)
@@ -98,7 +119,7 @@ def train(config: Config, resume_run_id: str | None = None, *,
         if resume_run_id is not None:
             config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
         if data is None or data.config != config.data:
-            data = _prepare_in_turn(config, cluster)
+            data = prepare_data(config, cluster)
         device = device_for(cluster, resolve_device(config.runtime.device))
         batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
         sets = SplitBatches(*(batches_for(data, name, size, device) for name, size in
@@ -107,12 +128,12 @@ def train(config: Config, resume_run_id: str | None = None, *,
             log.info("training %s on %s: %d train / %d val / %d test images, %s, %d process(es)",
                      config.model.arch, data.source, len(sets.train), len(sets.val),
                      len(sets.test), device, cluster.world_size)
-        if not cluster.is_main:
-            return _train_run(config, data, sets, None, hooks or RunHooks(), resume_run_id,
-                              cluster)
         hooks = hooks or RunHooks()
-        with training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
-                          tags=hooks.tags) as run:
+        # Only rank 0 talks to MLflow; the other ranks train with no run (`run` is None).
+        logging_run = (training_run(config, _run_name(config), resume_run_id,
+                                    nested=hooks.nested, tags=hooks.tags)
+                       if cluster.is_main else contextlib.nullcontext())
+        with logging_run as run:
             return _train_run(config, data, sets, run, hooks, resume_run_id, cluster)
     finally:
         close_cluster(cluster)
@@ -169,16 +190,6 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunL
                      "best_val_balanced_accuracy": outcome.best_score})
     model_uri = _log_model(run, model, data, config, temperature)
     return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
-
-
-def _prepare_in_turn(config: Config, cluster: Cluster) -> PreparedData:
-    """Rank 0 builds the cache; the other ranks then find it complete and reuse it."""
-    if cluster.is_main:
-        data = prepare_data(config)
-    barrier(cluster)
-    if not cluster.is_main:
-        data = prepare_data(config)
-    return data
 
 
 def _log_model(run: RunLog, model: torch.nn.Module, data: PreparedData,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from skinml.balance import build_loss
 from skinml.config import BalanceConfig
-from skinml.strategies import build_loss
 
 LABELS = np.repeat(np.arange(7), [10, 10, 20, 5, 20, 100, 5])
 torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Balance strategies on the data side: epoch orders and class weights."""
+"""Balance strategies: epoch orders and class weights."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from skinml.balance import class_weights, epoch_order
 from skinml.config import BalanceConfig
-from skinml.data.balance import class_weights
-from skinml.strategies import epoch_order
 
 LABELS = np.repeat(np.arange(7), [20, 30, 60, 5, 60, 400, 8])
 
