@@ -456,7 +456,8 @@ def bench_train(config_path: Path, data_dir: str | None, sets: tuple[str, ...],
     from skinml.bench import machine
 
     config = _bench_config(config_path, data_dir, sets)
-    end_to_end, ceiling = run(config, steps)
+    result = run(config, steps)
+    end_to_end, ceiling = result.end_to_end, result.ceiling
     click.echo(f"machine: {machine()}; {config.model.arch}, {config.model.image_size} px, "
                f"batch {config.optim.batch_size}, amp {config.runtime.amp}, channels_last "
                f"{config.runtime.channels_last}, compile {config.runtime.compile}")
@@ -504,6 +505,45 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
                f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
     click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x (goal <= 1.25x)")
+
+
+@bench.command("gpu")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the table as JSON here.")
+@click.option("--quick", is_flag=True, help="Fewer steps and requests (about 3 minutes).")
+@click.option("--device", "device_name", default="auto", show_default=True,
+              help="cuda, cuda:N, cpu, or auto (CUDA when there is one).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the synthetic data, caches and runs here [default: a temp folder].")
+def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | None) -> None:
+    """The GPU path in one command: loader, train step (eager and compiled), fp16, a real
+    MLflow run and its resume, serving, DDP. One row per step; exit 0 only if all ran."""
+    import torch
+
+    from skinml import bench_gpu as gpu
+    from skinml.bench import machine
+    from skinml.device import resolve_device
+
+    try:
+        device = resolve_device(device_name)
+    except RuntimeError:
+        raise click.BadParameter(f"{device_name!r} is not a device",
+                                 param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("this machine has no CUDA device", param_hint="--device")
+    click.echo(f"machine: {machine()}; device {device}{', quick' if quick else ''}")
+    click.echo(gpu.header())
+    with gpu.work_folder(work_dir) as work:
+        rows = gpu.run_bench(device, quick, work,
+                             on_row=lambda row: click.echo(gpu.format_row(row)))
+    if out is not None:
+        gpu.write_report(out, gpu.report(rows, device, quick, machine()))
+        click.echo(f"wrote {out}")
+    failed = [row for row in rows if row.failed]
+    for row in failed:
+        click.echo(f"error: {row.step}: {row.status.removeprefix('failed: ')}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:

@@ -235,12 +235,14 @@ def _check_value(key: str, value: Any, hint: Any, rules: dict[str, Any], source:
     if kind is float and isinstance(value, str):
         with contextlib.suppress(ValueError):  # YAML reads 1e-3 (no dot) as a string
             value = float(value)
+    choices = rules.get("choices")
+    choices = choices() if callable(choices) else choices
+    if kind is str and isinstance(value, bool) and choices and "off" in choices:
+        value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
-    choices = rules.get("choices")
-    choices = choices() if callable(choices) else choices
     if choices and value not in choices:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, "
                           f"got {value!r}")

@@ -27,7 +27,7 @@ from skinml.balance import epoch_order
 from skinml.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from skinml.data.loader import CachedBatches
 from skinml.data.preprocess import EvalTransform
-from skinml.device import seed_everything, synchronize
+from skinml.device import seed_everything
 from skinml.distributed import SINGLE, Cluster, gather, shard, sync_buffers, wrap
 from skinml.metrics import compute_metrics
 from skinml.recipe import StepTools, TrainSettings, build_step_tools
@@ -85,7 +85,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, tools: StepTools,
     """One pass over `batches`; returns the mean training loss and throughput."""
     model.train()
     scaler = tools.precision.scaler
-    started, seen, loss_sum = time.perf_counter(), 0, torch.zeros(())
+    started, seen, loss_sum = time.perf_counter(), 0, None
     # disable=None: tqdm draws only on a terminal, so logs in files get no bar redraws.
     bar = tqdm(batches, total=total, desc="train", unit="batch", leave=False,
                disable=None if progress else True)
@@ -99,15 +99,22 @@ def train_one_epoch(model: nn.Module, batches: Batches, tools: StepTools,
         if tools.grad_clip:
             scaler.unscale_(tools.optimizer)  # clip the true gradients, not fp16-scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), tools.grad_clip)
+        scale = scaler.get_scale()  # 1.0 when the scaler is off (fp32, bf16)
         scaler.step(tools.optimizer)
         scaler.update()
-        tools.scheduler.step()
+        if scaler.get_scale() >= scale:  # a step fp16 skipped (inf gradients) moves no schedule
+            tools.scheduler.step()
         if tools.ema is not None:
             tools.ema.update_parameters(model)
-        loss_sum += loss.detach().float().cpu() * len(images)
+        # Summed on the device: reading the loss each step would make the CPU wait for the
+        # GPU and stop it queuing the next batch.
+        weighted = loss.detach().float() * len(images)
+        loss_sum = weighted if loss_sum is None else loss_sum + weighted
         seen += len(images)
-    synchronize(loss.device if seen else torch.device("cpu"))
-    return TrainStats(float(loss_sum) / max(seen, 1), seen, time.perf_counter() - started)
+    if loss_sum is None:
+        return TrainStats(0.0, 0, time.perf_counter() - started)
+    total_loss = float(loss_sum)  # waits for the queued work, so the time below is real
+    return TrainStats(total_loss / seen, seen, time.perf_counter() - started)
 
 
 @torch.no_grad()

@@ -96,6 +96,13 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.transform = self.preprocess.eval_transform().to(self.device)
         self.temperature = float(meta.get("temperature", 1.0))
 
+    def to(self, device: str | torch.device) -> SkinLesionModel:
+        """Run on `device` from now on (loading picks CUDA when there is one)."""
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        self.transform = self.transform.to(self.device)
+        return self
+
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
         images = _image_column(model_input)

@@ -36,6 +36,15 @@ def test_overrides_are_typed_from_yaml():
     assert config.flat()["optim.lr"] == pytest.approx(3e-4)
 
 
+def test_a_bare_off_is_the_word_off_where_off_is_a_choice(tmp_path):
+    # YAML 1.1 reads `off` as false; runtime.amp's choices include the word itself.
+    assert load_config(None, ["runtime.amp=off"]).runtime.amp == "off"
+    (tmp_path / "c.yaml").write_text("runtime:\n  amp: off\n")
+    assert load_config(tmp_path / "c.yaml").runtime.amp == "off"
+    with pytest.raises(ConfigError, match="balance.strategy must be str, got False"):
+        load_config(None, ["balance.strategy=off"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=0.1", "unknown config key optim.lrr"),
     ("optimizer.lr=0.1", "unknown config section 'optimizer'"),

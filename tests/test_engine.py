@@ -105,3 +105,17 @@ def test_one_step_path_for_every_precision_on_the_cpu():
     stats = train_one_epoch(model, [next(iter(colour_coded(2, 0).epoch()))], tools)
     assert np.isfinite(stats.loss) and stats.images == 14
     assert not torch.equal(model.fc.weight, before)  # one bf16 step, through the scaler
+
+
+def test_fp16_steps_go_through_an_enabled_grad_scaler_on_the_cpu():
+    settings = dataclasses.replace(SETTINGS, amp="fp16")
+    model = build_model(ModelConfig(arch="resnext_small", image_size=16))
+    tools = build_step_tools(model, np.arange(7), settings, CPU, steps_per_epoch=4)
+    assert tools.precision.scaler.is_enabled() and tools.precision.name == "fp16"
+    with tools.precision.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
+    before = model.fc.weight.detach().clone()
+    batch = next(iter(colour_coded(2, 0).epoch()))
+    losses = [train_one_epoch(model, [batch], tools).loss for _ in range(3)]
+    assert all(np.isfinite(losses)) and tools.precision.scaler.get_scale() > 0
+    assert not torch.equal(model.fc.weight, before)

@@ -6,7 +6,11 @@ class has its own colour, outline and texture so a model can learn to tell them 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +58,14 @@ _LOOKS = {
 
 
 def write_synthetic(out: str | Path, n: int, *, seed: int = 0, width: int = 600,
-                    height: int = 450, layout: str = "flat", progress: bool = True) -> Path:
+                    height: int = 450, layout: str = "flat", progress: bool = True,
+                    workers: int | None = None) -> Path:
     """Write a HAM10000-shaped folder of `n` images to `out` (which must not exist or be empty).
 
     `layout` "parts" splits the images over HAM10000_images_part_1/ and _part_2/ as the
-    dataset ships. The folder appears complete or not at all.
+    dataset ships. The folder appears complete or not at all. Images are drawn in `workers`
+    processes (default: one per core); each image has its own seed, so the folder is the
+    same whatever the number of workers.
     """
     out = Path(out)
     if n < MIN_IMAGES:
@@ -75,16 +82,20 @@ def write_synthetic(out: str | Path, n: int, *, seed: int = 0, width: int = 600,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        looks = {}
-        for row in tqdm(metadata.itertuples(), total=n, desc="synthesizing", unit="img",
-                        disable=None if progress else True, leave=False):
+        looks: dict[str, dict[str, float]] = {}
+        jobs = []
+        for row in metadata.itertuples():
             lesion = looks.setdefault(row.lesion_id, _lesion_params(row.dx, rng))
-            image = _draw(row.dx, lesion, width, height, rng)
             folder = tmp
             if layout == "parts":
                 folder = tmp / f"HAM10000_images_part_{1 + (row.Index >= n // 2)}"
                 folder.mkdir(exist_ok=True)
-            Image.fromarray(image).save(folder / f"{row.image_id}.jpg", quality=90)
+            jobs.append(_Job(folder / f"{row.image_id}.jpg", row.dx, lesion, width, height,
+                             (seed, row.Index)))
+        for _ in tqdm(_run(jobs, workers or os.cpu_count() or 1), total=n,
+                      desc="synthesizing", unit="img", disable=None if progress else True,
+                      leave=False):
+            pass
         metadata.to_csv(tmp / METADATA_FILE, index=False)
         if out.exists():
             out.rmdir()
@@ -93,6 +104,30 @@ def write_synthetic(out: str | Path, n: int, *, seed: int = 0, width: int = 600,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    dx: str
+    lesion: dict[str, float]
+    width: int
+    height: int
+    seed: tuple[int, int]  # (folder seed, image index): the image's own random stream
+
+
+def _write(job: _Job) -> None:
+    image = _draw(job.dx, job.lesion, job.width, job.height, np.random.default_rng(job.seed))
+    Image.fromarray(image).save(job.path, quality=90)
+
+
+def _run(jobs: list[_Job], workers: int) -> Iterator[None]:
+    if workers <= 1 or len(jobs) < 64:  # a pool costs more than it saves on a few images
+        yield from map(_write, jobs)
+        return
+    # spawn: the caller may hold threads (torch), which fork would copy mid-flight.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_write, jobs, chunksize=8)
 
 
 def _class_counts(n: int) -> dict[str, int]:
