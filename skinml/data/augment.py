@@ -113,16 +113,19 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
                             [0.211, -0.523, 0.312]])
+# Inverted once here: torch.linalg.inv on a GPU waits for the device to check the result.
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Shift hue by `turns` of the colour wheel: a rotation of the chroma plane in YIQ."""
     to_yiq = _RGB_TO_YIQ.to(x.device, x.dtype)
+    to_rgb = _YIQ_TO_RGB.to(x.device, x.dtype)
     angle = turns * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
                             torch.stack([zero, cos, -sin], 1),
                             torch.stack([zero, sin, cos], 1)], 1)
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq  # (B, 3, 3)
+    matrix = to_rgb @ rotation @ to_yiq  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", matrix, x)
