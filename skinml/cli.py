@@ -13,6 +13,7 @@ import click
 
 from skinml.errors import SkinmlError
 
+SERVE_PORT = 5001  # `mlflow ui` and `mlflow server` take 5000
 DATA_DIR = click.argument("data_dir", required=False, type=click.Path(path_type=Path))
 ALLOW_MISSING = click.option("--allow-missing", is_flag=True,
                              help="Drop metadata rows whose image file is missing.")
@@ -265,7 +266,9 @@ def register(run_id: str | None, experiment: str, metric: str, name: str, study:
     written into its model card.
     """
     from skinml.registry import GateOptions, best_run, register_run
+    from skinml.run_store import require_tracking_store
 
+    require_tracking_store()
     if run_id is None and study is not None:
         from skinml.tune import best_run_id
 
@@ -293,6 +296,10 @@ def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootst
     """Compare two models on the same images: Δ = A - B with a paired lesion bootstrap."""
     from skinml.compare import CompareOptions, per_class_text
     from skinml.compare import compare as run_comparison
+    from skinml.run_store import require_tracking_store
+
+    require_tracking_store(model_a)
+    require_tracking_store(model_b)
 
     comparison, run_id = run_comparison(CompareOptions(
         uri_a=model_a, uri_b=model_b, data_dir=data_dir, split=split, rounds=bootstrap,
@@ -309,14 +316,18 @@ def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootst
 
 @main.command()
 @click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=SERVE_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Not 5000, where `mlflow ui` listens.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 def serve(model_uri: str, port: int, host: str) -> None:
     """Serve a model over REST: runs `mlflow models serve` with the local environment."""
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-               "--env-manager", "local", "-h", host, "-p", str(port)]
-    click.echo(" ".join(command[1:]), err=True)
-    os.execv(sys.executable, command)
+    from skinml.serving import check_model_uri, check_port_free
+
+    check_model_uri(model_uri)
+    check_port_free(host, port)
+    click.echo(f"serving {model_uri} at http://{host}:{port} (mlflow models serve)", err=True)
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                              model_uri, "--env-manager", "local", "-h", host, "-p", str(port)])
 
 
 @main.command()
@@ -331,6 +342,9 @@ def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
     """Predict image files with a logged or registered model."""
     from skinml.files import write_atomically
     from skinml.packaging import isic_submission, predict_files
+    from skinml.run_store import require_tracking_store
+
+    require_tracking_store(model_uri)
 
     table = predict_files(model_uri, list(images), tta=tta)
     if isic_csv is not None:
@@ -365,6 +379,9 @@ def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | 
              tta: bool, bootstrap: int, experiment: str) -> None:
     """Evaluate a model: metrics with CIs, calibration, subgroups, Grad-CAM, as a new run."""
     from skinml.evaluate import EvaluateOptions, evaluate_model
+    from skinml.run_store import require_tracking_store
+
+    require_tracking_store(model_uri)
 
     result = evaluate_model(EvaluateOptions(model_uri=model_uri, data_dir=data_dir,
                                             split=split, tta=tta,
@@ -388,6 +405,9 @@ def explain(model_uri: str, image: Path, out: Path) -> None:
     from skinml.files import write_atomically
     from skinml.labels import CLASSES, DIAGNOSES
     from skinml.packaging import MAX_PIXELS, load_model
+    from skinml.run_store import require_tracking_store
+
+    require_tracking_store(model_uri)
 
     picture = open_rgb(image, max_pixels=MAX_PIXELS)
     served = load_model(model_uri).unwrap_python_model()

@@ -172,8 +172,26 @@ def _image_column(model_input: Any) -> list[Any]:
     return model_input["image"].tolist()
 
 
+class BadInput(MlflowException):
+    """A request the model cannot answer: HTTP 400 whose message is our one-line reason.
+
+    MLflow's scoring server rewrites a failed prediction's message to "Failed to predict
+    data '<the whole request>'. Error: ...", echoing kilobytes of base64 to the client and
+    the log. The message here is set once and stays as written.
+    """
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):
+            self._reason = value
+
+
 def _bad_input(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def pinned_requirements() -> list[str]:

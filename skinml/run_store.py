@@ -3,6 +3,8 @@ behind a model URI. `tracking.py` writes runs; this module only reads them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 from mlflow.entities import Run
@@ -11,6 +13,23 @@ from mlflow.tracking import MlflowClient
 
 from skinml.data import SPLITS
 from skinml.errors import SkinmlError
+
+
+def require_tracking_store(model_uri: str | None = None) -> None:
+    """Refuse to read from a SQLite tracking store that does not exist.
+
+    Any MLflow call would create an empty `mlflow.db` first and then fail to find the run
+    or model; a command that only reads must fail without leaving that file behind.
+    `model_uri`: only `models:/` and `runs:/` URIs need the store (a path does not).
+    """
+    if model_uri is not None and not model_uri.startswith(("models:/", "runs:/")):
+        return
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise SkinmlError(f"no MLflow tracking store at {path}: run this in the folder "
+                              "you trained in, or set MLFLOW_TRACKING_URI")
 
 
 def run_params(run_id: str) -> dict[str, str]:

@@ -25,6 +25,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_model_uri(model_uri: str) -> None:
+    """One line (SkinmlError) for a model URI that does not resolve, before any server starts."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    from skinml.run_store import require_tracking_store
+
+    require_tracking_store(model_uri)
+    try:
+        get_model_info(model_uri)
+    except (MlflowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SkinmlError(f"cannot serve {model_uri}: {reason}") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """SkinmlError at once if another program holds host:port (the server would say so only
+    after loading the model, buried in a traceback)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SkinmlError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (another "
+                              "program holds the port; choose one with --port)") from None
+
+
 def start_server(model_uri: str, port: int, log_path: Path | None = None) -> subprocess.Popen:
     """`mlflow models serve` on 127.0.0.1:port in its own process group."""
     output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115

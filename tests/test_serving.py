@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -175,6 +176,10 @@ def test_bad_input_is_400_with_a_reason_and_the_server_lives_on(server, images, 
     status, body = post(server, payload)
     assert status == 400, body
     assert reason in body.get("message", ""), body
+    if case != "missing column":  # MLflow's own schema check words that one
+        # Our one-line reason, not MLflow's "Failed to predict data '<the request>'".
+        assert "Failed to predict data" not in body["message"], body["message"][:300]
+        assert len(body["message"]) < 200 and "\n" not in body["message"]
     assert ping(server) == 200
 
 
@@ -240,6 +245,39 @@ def test_skinml_serve_runs_mlflow_models_serve(store):
         assert ping(f"http://127.0.0.1:{port}") == 200
     finally:
         stop_server(process)
+
+
+def test_skinml_serve_refuses_an_unknown_model_or_a_busy_port_in_one_line(store):
+    for uri in ("models:/no-such-model@champion", f"models:/{NAME}@no-such-alias"):
+        result = run_cli(store, "serve", uri, "--port", str(free_port()))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [
+            result.stderr.strip().splitlines()[0]] and result.stderr.startswith(
+            f"error: cannot serve {uri}: ")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = run_cli(store, "serve", f"models:/{NAME}@{CHAMPION}", "--port", str(busy))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: cannot serve on 127.0.0.1:{busy}: Address already "
+                                      "in use (another program holds the port; choose one "
+                                      "with --port)")
+
+
+def test_reading_commands_leave_no_tracking_store_behind(tmp_path):
+    for args in (["serve", "models:/m@champion"], ["predict", "models:/m@champion", "x.jpg"],
+                 ["evaluate", "models:/m@champion"], ["register", "--experiment", "x"],
+                 ["compare", "models:/a/1", "models:/b/1"]):
+        result = subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path,
+                                env={k: v for k, v in os.environ.items()
+                                     if k != "MLFLOW_TRACKING_URI"})
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert result.stderr.strip() == (
+            f"error: no MLflow tracking store at {tmp_path / 'mlflow.db'}: run this in the "
+            "folder you trained in, or set MLFLOW_TRACKING_URI"), args
+        assert list(tmp_path.iterdir()) == [], args
 
 
 def test_mlflow_run_register_entry_point(store):
