@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
@@ -100,10 +101,12 @@ def _open_study(options: TuneOptions) -> optuna.Study:
             options.storage, heartbeat_interval=options.heartbeat_interval,
             grace_period=options.grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-        return optuna.create_study(storage=storage, study_name=options.study_name,
-                                   direction="maximize", load_if_exists=True,
-                                   sampler=SAMPLERS[options.sampler](options.seed),
-                                   pruner=PRUNERS[options.pruner](options))
+        study = optuna.create_study(storage=storage, study_name=options.study_name,
+                                    direction="maximize", load_if_exists=True,
+                                    sampler=SAMPLERS[options.sampler](options.seed),
+                                    pruner=PRUNERS[options.pruner](options))
+        study.sampler = SAMPLERS[options.sampler](sampler_seed(options.seed, study))
+        return study
     except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
         raise SkinmlError(f"cannot open study {options.study_name!r} at "
                           f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
@@ -112,6 +115,19 @@ def _open_study(options: TuneOptions) -> optuna.Study:
             raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
                               f"{str(exc).splitlines()[0]}") from None
         raise
+
+
+def sampler_seed(seed: int, study: optuna.Study) -> int:
+    """`seed` on a new study; on a resumed one, `seed` mixed with its trial count.
+
+    A sampler seeded alike on every resume would propose trial 0's parameters again (TPE's
+    first trials are random draws from the seed alone), so each resume draws fresh points
+    and a study stays reproducible from its history.
+    """
+    trials = len(study.get_trials(deepcopy=False))
+    if trials == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
 
 
 def tune(options: TuneOptions) -> TuneResult:

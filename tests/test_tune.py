@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from skinml.data.synth import write_synthetic
-from skinml.tune import RUN_ID_ATTR, TuneOptions, tune
+from skinml.tune import RUN_ID_ATTR, TuneOptions, open_study, tune
 
 from .conftest import tiny
 
@@ -106,6 +106,22 @@ def test_pruned_trial_is_killed_not_finished_and_resume_continues(tracking, tmp_
     assert pruned.data.tags["optuna.trial_state"] == "PRUNED"
     assert "test_balanced_accuracy" not in pruned.data.metrics
     assert trials[1].user_attrs[RUN_ID_ATTR] == pruned.info.run_id
+
+
+def test_a_resumed_study_with_the_same_seed_proposes_new_points(tmp_path):
+    def first_point(sampler: str, database: str = "optuna.db") -> float:
+        study = open_study(options(tmp_path, tmp_path, sampler=sampler, study_name=sampler,
+                                   storage=f"sqlite:///{tmp_path / database}"))
+        trial = study.ask()
+        value = trial.suggest_float("optim.lr", 1e-5, 1e-1, log=True)
+        study.tell(trial, value)
+        return value
+
+    for sampler in ("tpe", "random"):
+        points = [first_point(sampler) for _ in range(3)]  # three resumes, --seed 0 each
+        assert len(set(points)) == 3, (sampler, points)
+        # A new study is still reproducible from its seed.
+        assert first_point(sampler, f"fresh-{sampler}.db") == points[0]
 
 
 def skinml(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
