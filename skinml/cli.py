@@ -123,6 +123,19 @@ _SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "m
               "seed": "runtime.seed"}
 
 
+def _shortcut_overrides(shortcuts: dict[str, str | None]) -> list[str]:
+    """`--epochs 5` -> `optim.epochs=5`, each checked here so an error names the option."""
+    from skinml.config import check_key_value, parse_override
+
+    items = []
+    for name, value in shortcuts.items():
+        if value is not None:
+            item = f"{_SHORTCUTS[name]}={value}"
+            check_key_value(*parse_override(item), source=f"--{name.replace('_', '-')}")
+            items.append(item)
+    return items
+
+
 _GATE_DATA = click.option(
     "--gate-data", callback=_blank_is_none, metavar="DIR",
     help="Labelled HAM10000 folder to judge challenger and champion on (all of it). Needed "
@@ -134,17 +147,21 @@ _MIN_DELTA = click.option(
 
 
 @main.command()
-@click.option("--config", "config_path", default="experiments/demo.yaml", show_default=True,
-              type=click.Path(path_type=Path), help="YAML run configuration.")
-@click.option("--data-dir", callback=_blank_is_none, help="HAM10000 folder (data.dir).")
-@click.option("--epochs", callback=_blank_is_none, help="optim.epochs")
-@click.option("--image-size", callback=_blank_is_none, help="model.image_size")
-@click.option("--batch-size", callback=_blank_is_none, help="optim.batch_size")
-@click.option("--lr", callback=_blank_is_none, help="optim.lr")
-@click.option("--arch", callback=_blank_is_none, help="model.arch")
-@click.option("--balance-strategy", callback=_blank_is_none, help="balance.strategy")
-@click.option("--pretrained", callback=_blank_is_none, help="model.pretrained (true/false)")
-@click.option("--seed", callback=_blank_is_none, help="runtime.seed")
+@click.option("--config", "config_path", default="demo", show_default=True,
+              help="YAML run configuration, or a shipped one by name: demo (the embedded "
+                   "default, = experiments/demo.yaml) or ham10000 (full data, GPU).")
+@click.option("--data-dir", callback=_blank_is_none, metavar="DIR",
+              help="HAM10000 folder (data.dir).")
+@click.option("--epochs", callback=_blank_is_none, metavar="INT", help="optim.epochs")
+@click.option("--image-size", callback=_blank_is_none, metavar="INT", help="model.image_size")
+@click.option("--batch-size", callback=_blank_is_none, metavar="INT", help="optim.batch_size")
+@click.option("--lr", callback=_blank_is_none, metavar="FLOAT", help="optim.lr")
+@click.option("--arch", callback=_blank_is_none, metavar="NAME", help="model.arch")
+@click.option("--balance-strategy", callback=_blank_is_none, metavar="NAME",
+              help="balance.strategy")
+@click.option("--pretrained", callback=_blank_is_none, metavar="[true|false]",
+              help="model.pretrained")
+@click.option("--seed", callback=_blank_is_none, metavar="INT", help="runtime.seed")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set balance.strategy=focal (repeatable).")
 @click.option("--overrides", callback=_blank_is_none,
@@ -153,7 +170,7 @@ _MIN_DELTA = click.option(
               help="Continue a killed run from its last checkpoint.")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes (GPUs) on this machine: relaunches itself under torchrun.")
-def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
+def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
           resume_run_id: str | None, nproc: int, **shortcuts: str | None) -> None:
     """Train a ResNeXt and log the run, its figures and the model to MLflow."""
     from skinml.config import load_config
@@ -162,8 +179,7 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch_under_torchrun(nproc)
 
-    items = [f"{_SHORTCUTS[name]}={value}" for name, value in shortcuts.items()
-             if value is not None]
+    items = _shortcut_overrides(shortcuts)
     items += (overrides or "").split() + list(sets)
     config = load_config(config_path, items)
     result = run_training(config, resume_run_id=resume_run_id)
@@ -175,10 +191,10 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
 
 
 @main.command()
-@click.option("--config", "config_path", default="experiments/demo.yaml", show_default=True,
-              type=click.Path(path_type=Path), help="Base config; the space overrides it.")
-@click.option("--search-space", default="experiments/search_space.yaml", show_default=True,
-              type=click.Path(path_type=Path))
+@click.option("--config", "config_path", default="demo", show_default=True,
+              help="Base config (a YAML path, or demo / ham10000); the space overrides it.")
+@click.option("--search-space", default="search_space", show_default=True,
+              help="YAML search space, or search_space: the shipped experiments/search_space.yaml.")
 @click.option("--n-trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="COMPLETE trials of the study in total, over all workers and resumes.")
 @click.option("--timeout", callback=_blank_is_none, help="Seconds this worker may run.")
@@ -194,8 +210,9 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
 @click.option("--pruner-warmup-epochs", default=2, show_default=True,
               type=click.IntRange(min=0), help="median: epochs before a trial can be pruned.")
 @click.option("--register-best", is_flag=False, flag_value="true", default="false",
-              type=click.BOOL, help="Register the best trial's model through the promotion "
-                                    "gate (see `skinml register`).")
+              type=click.BOOL, metavar="[true|false]",
+              help="Register the best trial's model through the promotion gate (see `skinml "
+                   "register`); a bare --register-best means true.")
 @_GATE_DATA
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampler seed.")
 @click.option("--heartbeat-interval", default=10, show_default=True, type=click.IntRange(min=1),
@@ -206,7 +223,7 @@ def train(config_path: Path, sets: tuple[str, ...], overrides: str | None,
               help="Base config overrides (e.g. --set optim.epochs=5).")
 @click.option("--overrides", callback=_blank_is_none,
               help="Space-separated KEY=VALUE base overrides (for MLproject).")
-def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | None,
+def tune(config_path: str, search_space: str, n_trials: int, timeout: str | None,
          study_name: str, storage: str, sampler: str, pruner: str, pruner_startup_trials: int,
          pruner_warmup_epochs: int, register_best: bool, gate_data: str | None, seed: int,
          heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
@@ -255,7 +272,8 @@ def tune(config_path: Path, search_space: Path, n_trials: int, timeout: str | No
 @_GATE_DATA
 @_MIN_DELTA
 @click.option("--force", is_flag=False, flag_value="true", default="false", type=click.BOOL,
-              help="Make the new version champion whatever the gate says (it says so).")
+              metavar="[true|false]", help="Make the new version champion whatever the gate "
+                                           "says (it says so); a bare --force means true.")
 def register(run_id: str | None, experiment: str, metric: str, name: str, study: str | None,
              storage: str, gate_data: str | None, min_delta: float, force: bool) -> None:
     """Register a run's model: alias challenger always, champion only on a paired win.
@@ -371,7 +389,7 @@ def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
 @click.option("--truth", "truth_csv", callback=_blank_is_none,
               help="ISIC 2018 Task 3 ground truth (image, MEL, NV, BCC, AKIEC, BKL, DF, VASC).")
 @click.option("--tta", is_flag=False, flag_value="true", default="false", type=click.BOOL,
-              help="Average the 8 flips/rotations of each image.")
+              metavar="[true|false]", help="Average the 8 flips/rotations of each image.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Lesion-bootstrap resamples for the confidence intervals (0 = none).")
 @click.option("--experiment", default="skin-lesion", show_default=True)
@@ -424,17 +442,21 @@ def bench() -> None:
     """Measure the input pipeline and training throughput on this machine."""
 
 
-_BENCH_CONFIG = click.option("--config", "config_path", default="experiments/ham10000.yaml",
-                             show_default=True, type=click.Path(path_type=Path))
+_BENCH_CONFIG = click.option(
+    "--config", "config_path", help="YAML config or a shipped name [default: ham10000 on a "
+    "CUDA machine (ResNeXt-50, 224 px), demo elsewhere (minutes, not hours, on a CPU)].")
 _BENCH_SETS = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                            help="Config overrides, e.g. --set model.image_size=128.")
 _BENCH_DATA = click.option("--data-dir", callback=_blank_is_none,
                            help="HAM10000 folder [default: the bundled sample].")
 
 
-def _bench_config(config_path: Path, data_dir: str | None, sets: tuple[str, ...]):
+def _bench_config(config_path: str | None, data_dir: str | None, sets: tuple[str, ...]):
+    import torch
+
     from skinml.config import load_config
 
+    config_path = config_path or ("ham10000" if torch.cuda.is_available() else "demo")
     # Benchmarks never download weights: throughput does not depend on them.
     items = ["model.pretrained=false", "runtime.progress=false", *sets]
     if data_dir:
@@ -449,13 +471,16 @@ def _bench_config(config_path: Path, data_dir: str | None, sets: tuple[str, ...]
 @click.option("--batches", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=os.cpu_count() or 1, show_default=True,
               type=click.IntRange(min=0), help="DataLoader workers for the seed's path.")
-def bench_loader(config_path: Path, data_dir: str | None, sets: tuple[str, ...], batches: int,
+def bench_loader(config_path: str | None, data_dir: str | None, sets: tuple[str, ...], batches: int,
                  workers: int) -> None:
     """Images/s delivered (decoded, augmented, batched): ours vs the seed's per-image path."""
     from skinml.bench import bench_loader as run
     from skinml.bench import machine
 
     config = _bench_config(config_path, data_dir, sets)
+    click.echo(f"measuring {batches} batches of {config.optim.batch_size} at "
+               f"{config.model.image_size} px, ours then the seed path ({workers} workers)",
+               err=True)
     ours, seed = run(config, batches, workers)
     click.echo(f"machine: {machine()}; {config.model.image_size} px, batch "
                f"{config.optim.batch_size}, {batches} batches")
@@ -469,13 +494,15 @@ def bench_loader(config_path: Path, data_dir: str | None, sets: tuple[str, ...],
 @_BENCH_DATA
 @_BENCH_SETS
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1))
-def bench_train(config_path: Path, data_dir: str | None, sets: tuple[str, ...],
+def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, ...],
                 steps: int) -> None:
     """Training images/s end to end vs the same model fed from tensors on the device."""
     from skinml.bench import bench_train as run
     from skinml.bench import machine
 
     config = _bench_config(config_path, data_dir, sets)
+    click.echo(f"measuring {steps} steps of {config.model.arch} at {config.model.image_size} px"
+               f"{', compiling first' if config.runtime.compile else ''}", err=True)
     result = run(config, steps)
     end_to_end, ceiling = result.end_to_end, result.ceiling
     click.echo(f"machine: {machine()}; {config.model.arch}, {config.model.image_size} px, "

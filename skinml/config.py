@@ -145,20 +145,36 @@ class Config:
                 for key, value in values.items()}
 
 
+SHIPPED = Path(__file__).parent / "configs"  # demo, ham10000, search_space (= experiments/)
+
+
+def shipped_or_path(value: str | Path) -> Path:
+    """`value` as a file path, or the name of a YAML shipped with skinml (`demo`,
+    `ham10000`, `search_space`), so the defaults work from any folder."""
+    path = Path(value)
+    shipped = SHIPPED / f"{value}.yaml"
+    if not path.is_file() and path.suffix == "" and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 ) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides, validated."""
     tree: dict[str, dict[str, Any]] = {}
     if path is not None:
-        tree = _read_yaml(Path(path))
+        path = shipped_or_path(path)
+        tree = _read_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
+        check_key_value(key, value, source=f"override {item}")  # blame the override, not the file
         section, _, name = key.partition(".")
         tree.setdefault(section, {})
         if not isinstance(tree[section], dict):
             raise ConfigError(f"config section {section} must be a mapping")
         tree[section][name] = value
-    return build_config(tree, source=str(path) if path else "config")
+    source = str(path) if path else "config"
+    return build_config(tree, source=f"{source} with overrides" if overrides else source)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -32,6 +32,17 @@ def require_tracking_store(model_uri: str | None = None) -> None:
                               "you trained in, or set MLFLOW_TRACKING_URI")
 
 
+def resumable(run_id: str) -> None:
+    """SkinmlError unless `run_id` is a run that stopped before finishing."""
+    try:
+        status = MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        raise SkinmlError(f"--resume {run_id}: no such run in this tracking store") from None
+    if status == "FINISHED":
+        raise SkinmlError(f"--resume {run_id}: the run finished; --resume continues a run "
+                          "that was killed or failed (start a new run instead)")
+
+
 def run_params(run_id: str) -> dict[str, str]:
     return MlflowClient().get_run(run_id).data.params
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from skinml.config import ConfigError, check_key_value
+from skinml.config import ConfigError, check_key_value, shipped_or_path
 from skinml.errors import SkinmlError
 
 KINDS = ("float", "int", "categorical")
@@ -36,7 +36,7 @@ class Dimension:
 
 
 def load_search_space(path: str | Path) -> tuple[Dimension, ...]:
-    path = Path(path)
+    path = shipped_or_path(path)
     if not path.is_file():
         raise SearchSpaceError(f"search space {path} does not exist")
     try:

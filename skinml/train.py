@@ -33,6 +33,7 @@ from skinml.metrics import compute_metrics
 from skinml.model import build_model
 from skinml.packaging import model_meta
 from skinml.recipe import TrainSettings
+from skinml.run_store import resumable
 from skinml.scoring import score_split, subgroup_attributes
 from skinml.tracking import RunLog, training_run
 
@@ -117,6 +118,7 @@ def train(config: Config, resume_run_id: str | None = None, *,
     cluster = init_cluster()
     try:
         if resume_run_id is not None:
+            resumable(resume_run_id)
             config = _config_of_checkpoint(checkpoint_path(config, resume_run_id))
         if data is None or data.config != config.data:
             data = prepare_data(config, cluster)

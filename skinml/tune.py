@@ -22,7 +22,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from skinml import tracking
-from skinml.config import Config, load_config
+from skinml.config import Config, load_config, shipped_or_path
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
 from skinml.retry import is_table_race, retry_table_race
@@ -38,8 +38,8 @@ _STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED",
 
 @dataclass(frozen=True)
 class TuneOptions:
-    config: Path
-    search_space: Path
+    config: str | Path  # a path, or a shipped config's name (demo, ham10000)
+    search_space: str | Path
     n_trials: int = 20
     timeout: float | None = None
     study_name: str = "skin-lesion-tuning"
@@ -261,7 +261,8 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
               for state, name in _STATE_NAMES.items()}
     best = _best_trial(study)
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
-                               counts, _figures(study), str(options.search_space))
+                               counts, _figures(study),
+                               str(shipped_or_path(options.search_space)))
     registration = None
     if best is not None and options.register_best:
         from skinml.registry import GateOptions, register_run

@@ -79,14 +79,31 @@ def test_parse_override_keeps_strings():
     assert parse_override("runtime.run_name=my run") == ("runtime.run_name", "my run")
 
 
-def test_train_cli_exits_2_naming_the_bad_key():
-    result = skinml_cli("train", "--config", str(EXPERIMENTS / "demo.yaml"),
-                        "--set", "balance.gamma=-1")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {EXPERIMENTS / 'demo.yaml'}: balance.gamma must be between 0.0 and 10.0, "
-        "got -1.0")
-    assert "Traceback" not in result.stderr
+def test_train_cli_exits_2_naming_the_bad_key_and_where_it_came_from(tmp_path):
+    # The value came from --set, a shortcut or the file: the error names that source.
+    cases = [(["--set", "balance.gamma=-1"],
+              "error: override balance.gamma=-1: balance.gamma must be between 0.0 and 10.0, "
+              "got -1.0"),
+             (["--epochs", "0"], "error: --epochs: optim.epochs must be at least 1, got 0"),
+             (["--overrides", "optim.epoch=3"], "error: override optim.epoch=3: unknown config "
+              "key optim.epoch (valid: ")]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("balance:\n  gamma: -1\n")
+    cases.append((["--config", str(bad)],
+                  f"error: {bad}: balance.gamma must be between 0.0 and 10.0, got -1.0"))
+    for args, message in cases:
+        result = skinml_cli("train", *args)
+        assert result.returncode == 2, args
+        assert result.stderr.strip().startswith(message), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo") == load_config(EXPERIMENTS / "demo.yaml")
+    assert load_config("ham10000").model.arch == "resnext50_32x4d"
+    with pytest.raises(ConfigError, match="config file nope does not exist"):
+        load_config("nope")
 
 
 def test_a_cache_smaller_than_the_eval_resize_is_an_error_naming_both_keys():

@@ -160,6 +160,13 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
     assert result.stdout.startswith("run ")
     (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
     assert run.info.status == "FINISHED"
+    again = subprocess.run([sys.executable, "-m", "skinml", "train", "--resume", run.info.run_id],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2
+    assert again.stderr.strip() == (
+        f"error: --resume {run.info.run_id}: the run finished; --resume continues a run that "
+        "was killed or failed (start a new run instead)")
+    assert mlflow.get_run(run.info.run_id).data.metrics == run.data.metrics
 
 
 def test_mlflow_run_trains_the_project(tracking, small_folder, tmp_path):
