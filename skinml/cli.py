@@ -27,7 +27,22 @@ class _Cli(click.Group):
             return super().invoke(ctx)
         except SkinmlError as exc:
             click.echo(f"error: {exc}", err=True)
+            _tag_mlflow_run_error(str(exc))
             ctx.exit(2)
+
+
+def _tag_mlflow_run_error(message: str) -> None:
+    """Under `mlflow run` the run exists before skinml reads its parameters: MLflow marks it
+    FAILED; the tag `skinml.error` says why, in the UI."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(run_id, "skinml.error", message[:5000])
+    except Exception:  # the error line is already printed; the tag is a courtesy
+        logging.getLogger(__name__).debug("could not tag run %s", run_id, exc_info=True)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

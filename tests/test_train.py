@@ -169,6 +169,19 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
     assert mlflow.get_run(run.info.run_id).data.metrics == run.data.metrics
 
 
+def test_mlflow_run_with_a_bad_parameter_says_why_in_one_line_and_on_the_run(tracking,
+                                                                           tmp_path):
+    result = subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local",
+                             "--experiment-name", "skin-lesion", "-P", "epochs=-1"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 1  # MLflow's exit code for a failed run
+    message = "error: --epochs: optim.epochs must be at least 1, got -1"
+    assert message in result.stderr.splitlines() and "Traceback" not in result.stderr
+    (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["skinml.error"] == message.removeprefix("error: ")
+
+
 def test_mlflow_run_trains_the_project(tracking, small_folder, tmp_path):
     before = user_run_state()
     overrides = " ".join(o for o in tiny(small_folder, "optim.epochs=1")
