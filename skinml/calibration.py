@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray, max_iter: int = 100) -> float:
     """The T minimising the NLL of softmax(log(probs) / T) on these labels.
@@ -27,7 +29,20 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, max_iter: int = 100) 
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
+
+
+def clamp_warning(temperature: float) -> str | None:
+    """What a temperature at the edge of its range means, or None inside it."""
+    if temperature >= MAX_TEMPERATURE * 0.999:
+        return (f"temperature {temperature:g} is at its upper limit: on validation the model's "
+                "confidence carries almost no information (a model near chance, or too few "
+                "validation images), so the served probabilities are close to uniform")
+    if temperature <= MIN_TEMPERATURE * 1.001:
+        return (f"temperature {temperature:g} is at its lower limit: validation asks for sharper "
+                "probabilities than the range allows (often a tiny validation split); the "
+                "served probabilities are sharpened by the limit, not by a fitted value")
+    return None
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -57,6 +57,8 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     source = run_store.source_run_id(options.model_uri) if in_run else None
     images = labelled_images(options, source)
     log.info("evaluating %s on %d images (%s)", options.model_uri, len(images), options.split)
+    if options.split in ("all", "isic"):
+        _warn_if_trained_on(images, options.model_uri)
     paths = images["path"].tolist()
     uncalibrated = predict_paths(model, paths, options.tta, calibrated=False)
     # Without TTA the served softmax(z / T) is exactly the temperature applied to softmax(z);
@@ -76,6 +78,19 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
         run.log_text(_predictions_table(images, scored).to_csv(index=False),
                      "predictions.csv")
     return EvaluateResult(run.run_id, scored, report)
+
+
+def _warn_if_trained_on(images: pd.DataFrame, model_uri: str) -> None:
+    """A score over images the model trained (or chose its epoch) on is not a test score."""
+    try:
+        run_id = run_store.source_run_id(model_uri)
+    except SkinmlError:
+        return  # a model without a training run: nothing to compare with
+    seen = image_sets.training_overlap(images, run_id)
+    if seen:
+        log.warning("%d of these %d images are in the train/val split of run %s: the score "
+                    "includes images the model trained on and is not a test score", seen,
+                    len(images), run_id)
 
 
 def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.DataFrame:

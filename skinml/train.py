@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from skinml.calibration import fit_temperature
+from skinml.calibration import clamp_warning, fit_temperature
 from skinml.checkpoint import checkpoint_config
 from skinml.config import Config, ConfigError, DataConfig, build_config
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
@@ -176,6 +176,10 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunL
     # Temperature scaling is fitted on validation, never on the test split it is judged on.
     val = predict_split(model, sets.val, transform, cluster=cluster)
     temperature = fit_temperature(val.probs, val.labels)
+    warning = clamp_warning(temperature)
+    if warning and run is not None:
+        log.warning("%s", warning)
+        run.log_text(warning + "\n", "calibration_warning.txt")
     output = predict_split(model, sets.test, transform, cluster=cluster)
     if run is None:
         return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,

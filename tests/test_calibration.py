@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from skinml.calibration import apply_temperature, fit_temperature
+from skinml.calibration import apply_temperature, clamp_warning, fit_temperature
 from skinml.metrics import expected_calibration_error, negative_log_likelihood, predictions
 
 
@@ -33,3 +33,14 @@ def test_temperature_scaling_lowers_nll_and_finds_the_sharpening():
 def test_temperature_one_changes_nothing():
     labels, probs = overconfident(n=100)
     np.testing.assert_allclose(apply_temperature(probs, 1.0), probs, atol=1e-12)
+
+
+def test_a_temperature_at_either_limit_is_named_and_explained():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 500)
+    confident_noise = np.full((500, 7), 0.01)
+    confident_noise[np.arange(500), rng.integers(0, 7, 500)] = 0.94  # sure, and random
+    upper = fit_temperature(confident_noise, labels)
+    assert upper == 20.0 and "upper limit" in clamp_warning(upper)
+    assert "lower limit" in clamp_warning(0.05)
+    assert clamp_warning(1.3) is None

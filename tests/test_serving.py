@@ -342,6 +342,16 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(store):
     assert "## Subgroups" in report and "lesion" in report
 
 
+def test_evaluate_on_the_training_folder_warns_that_it_is_not_a_test_score(store):
+    result = run_cli(store, "evaluate", f"models:/{NAME}@{CHAMPION}", "--split", "all",
+                     "--data-dir", str(store["folder"]), "--bootstrap", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = store["better"].run_id
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and f"are in the train/val split of run {run_id}" in warnings[0]
+    assert "not a test score" in warnings[0]
+
+
 @pytest.fixture(scope="module")
 def isic_folder(store, tmp_path_factory) -> tuple[Path, Path]:
     """ISIC 2018 Task 3 layout: a folder of JPEGs and the one-hot ground truth CSV."""
