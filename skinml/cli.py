@@ -323,7 +323,8 @@ def register(run_id: str | None, experiment: str, metric: str, name: str, study:
 @click.option("--bootstrap", default=2000, show_default=True, type=click.IntRange(min=100),
               help="Paired lesion-bootstrap rounds.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-@click.option("--experiment", default="skin-lesion", show_default=True)
+@click.option("--experiment", default="skin-lesion", show_default=True,
+              help="The training experiment; this run goes to EXPERIMENT-evaluations.")
 def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootstrap: int,
             seed: int, experiment: str) -> None:
     """Compare two models on the same images: Δ = A - B with a paired lesion bootstrap."""
@@ -407,7 +408,8 @@ def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
               metavar="[true|false]", help="Average the 8 flips/rotations of each image.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
               help="Lesion-bootstrap resamples for the confidence intervals (0 = none).")
-@click.option("--experiment", default="skin-lesion", show_default=True)
+@click.option("--experiment", default="skin-lesion", show_default=True,
+              help="The training experiment; this run goes to EXPERIMENT-evaluations.")
 def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | None,
              tta: bool, bootstrap: int, experiment: str) -> None:
     """Evaluate a model: metrics with CIs, calibration, subgroups, Grad-CAM, as a new run."""

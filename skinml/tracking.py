@@ -33,6 +33,23 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI opens it in Model training view
+# Evaluations and comparisons judge models; they get their own experiment next to the one
+# that trains, so its runs list holds training runs and studies only.
+EVALUATIONS = "{experiment}-evaluations"
+NOTE_TAG = "mlflow.note.content"  # the experiment's description in the MLflow UI
+TRAINING_NOTE = """Training runs (tag `skinml.role=training`) and tuning studies (`study`,
+trials nested under them). Evaluations and comparisons are in the experiment
+`{experiment}-evaluations`.
+
+To compare runs: filter `tags.skinml.role = "training"`, add the columns
+`best_val_balanced_accuracy` (what selection reads), `test_balanced_accuracy` with
+`test_balanced_accuracy_ci_low`/`_high` (reported, never used to choose), `test_auc`,
+`balance.strategy`, `model.arch`, `model.image_size`; select two or more runs and press
+Compare for `val_balanced_accuracy` per epoch. Each run's artifacts hold its confusion
+matrices, classification report, ROC/PR curves and reliability diagram."""
+EVALUATIONS_NOTE = """`skinml evaluate` runs (tag `skinml.role=evaluation`, the model in
+`skinml.model_uri`, its training run in `skinml.source_run_id`) and `skinml compare` runs
+(`comparison`) for the models trained in `{experiment}`."""
 ROLE_TAG = "skinml.role"  # training, study, evaluation or comparison: what a run is for
 
 
@@ -124,7 +141,11 @@ def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | Non
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else name,
                           nested=nested, log_system_metrics=system_metrics) as run:
-        _tag_experiment(run.info.experiment_id)
+        experiment_name = MlflowClient().get_experiment(run.info.experiment_id).name
+        judging = role in ("evaluation", "comparison")
+        note = (EVALUATIONS_NOTE if judging else TRAINING_NOTE).format(
+            experiment=experiment_name.removesuffix("-evaluations"))
+        _tag_experiment(run.info.experiment_id, note)
         if resume_run_id is None:
             mlflow.set_tags({"mlflow.runName": name, ROLE_TAG: role, **_git_tags(),
                              **(tags or {})})
@@ -153,10 +174,14 @@ def _launched_by_mlflow_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def _tag_experiment(experiment_id: str) -> None:
+def _tag_experiment(experiment_id: str, note: str) -> None:
+    """The UI's view of the experiment, and a description saying what is in it (once)."""
     client = MlflowClient()
-    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+    tags = client.get_experiment(experiment_id).tags
+    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if NOTE_TAG not in tags:
+        client.set_experiment_tag(experiment_id, NOTE_TAG, note)
 
 
 def _git_tags() -> dict[str, str]:
@@ -226,7 +251,8 @@ def evaluation_run(options, source_run: str | None) -> Iterator[RunLog]:
     tags = {"skinml.model_uri": options.model_uri}
     if source_run:
         tags["skinml.source_run_id"] = source_run
-    with _start_run(options.experiment, name, "evaluation", tags) as run:
+    experiment = EVALUATIONS.format(experiment=options.experiment)
+    with _start_run(experiment, name, "evaluation", tags) as run:
         mlflow.log_params({"eval.split": options.split, "eval.tta": options.tta,
                            "eval.bootstrap": options.bootstrap,
                            "eval.data_dir": options.data_dir or "",
@@ -239,7 +265,7 @@ def comparison_run(experiment: str, uri_a: str, uri_b: str, params: dict[str, An
                    ) -> Iterator[RunLog]:
     """The run `skinml compare` logs into, tagged with the two models it compared."""
     name = f"compare-{uri_a.rsplit('/', 1)[-1]}-vs-{uri_b.rsplit('/', 1)[-1]}"
-    with _start_run(experiment, name, "comparison",
+    with _start_run(EVALUATIONS.format(experiment=experiment), name, "comparison",
                     {"skinml.model_uri_a": uri_a, "skinml.model_uri_b": uri_b}) as run:
         mlflow.log_params({f"compare.{k}": "" if v is None else v for k, v in params.items()})
         yield run

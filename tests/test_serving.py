@@ -326,6 +326,14 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(store):
     client = mlflow.MlflowClient(store["uri"])
     run = client.get_run(run_id)
     assert run.data.tags["skinml.role"] == "evaluation"
+    # Evaluations live beside the training experiment, each with a description for the UI.
+    judged = client.get_experiment(run.info.experiment_id)
+    trained = client.get_experiment_by_name("skin-lesion")
+    assert judged.name == "skin-lesion-evaluations"
+    assert "skinml evaluate" in judged.tags["mlflow.note.content"]
+    assert "best_val_balanced_accuracy" in trained.tags["mlflow.note.content"]
+    assert not client.search_runs([trained.experiment_id],
+                                  "tags.`skinml.role` = 'evaluation'")
     assert run.data.tags["skinml.model_uri"] == f"models:/{NAME}@{CHAMPION}"
     trained = client.get_run(run.data.tags["skinml.source_run_id"]).data.metrics
     # the served model on the run's own test split gives the run's test numbers
