@@ -30,7 +30,7 @@ for _ in $(seq 120); do
     curl -sf --noproxy '*' "http://127.0.0.1:$port/health" >/dev/null && break
     sleep 0.5
 done
-"$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 \
+"$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1000 \
     --virtual-time-budget=20000 --screenshot="$out" \
-    "http://127.0.0.1:$port/#/experiments/$id" 2>/dev/null
+    "http://127.0.0.1:$port/#/experiments/$id/runs" 2>/dev/null
 echo "wrote $out (experiment $experiment, id $id)"
