@@ -433,9 +433,12 @@ def evaluate(model_uri: str, data_dir: str | None, split: str, truth_csv: str | 
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Where to write the Grad-CAM overlay (PNG), same size as IMAGE.")
-def explain(model_uri: str, image: Path, out: Path) -> None:
+@click.option("--figure", type=click.Path(path_type=Path),
+              help="Also write the overlay with its colour scale and feature-map size (PNG).")
+def explain(model_uri: str, image: Path, out: Path, figure: Path | None) -> None:
     """Grad-CAM overlay of one image: where the model looked for its answer."""
     from skinml.data.decode import open_rgb
+    from skinml.explain import FEATURE_MAP
     from skinml.explain import explain as explain_image
     from skinml.files import write_atomically
     from skinml.labels import CLASSES, DIAGNOSES
@@ -443,15 +446,28 @@ def explain(model_uri: str, image: Path, out: Path) -> None:
     from skinml.run_store import require_tracking_store
 
     require_tracking_store(model_uri)
-
     picture = open_rgb(image, max_pixels=MAX_PIXELS)
     served = load_model(model_uri).unwrap_python_model()
     result, index, probability = explain_image(served, picture)
-    buffer = io.BytesIO()
-    result.save(buffer, format="PNG")
-    write_atomically(out, buffer.getvalue())
+    write_atomically(out, _png(result))
     dx = CLASSES[index]
-    click.echo(f"{image.name}: {dx} ({DIAGNOSES[dx]}) {probability:.3f}; overlay {out}")
+    caption = f"{image.name}: {dx} ({DIAGNOSES[dx]}) {probability:.3f}"
+    if figure is not None:
+        from skinml.reports import gradcam_figure
+
+        write_atomically(figure, _png(gradcam_figure(result, caption)))
+    height, width = result.info[FEATURE_MAP]
+    click.echo(f"{caption}; overlay {out} (Grad-CAM from a {height}x{width} feature map)")
+
+
+def _png(picture) -> bytes:
+    """A PIL image or a matplotlib figure as PNG bytes."""
+    buffer = io.BytesIO()
+    if hasattr(picture, "savefig"):
+        picture.savefig(buffer, format="png")
+    else:
+        picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @main.group()

@@ -48,38 +48,77 @@ def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None =
     return cam.cpu().numpy(), index
 
 
+FEATURE_MAP = "skinml.gradcam_feature_map"  # key in an overlay's `info`: (h, w) of the CAM
+CAM_COLORMAP = "jet"  # the overlays' colours, for the colour bar beside them
+
+
 def cam_on_image(cam: np.ndarray, image: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """Map a CAM of the centre crop back to the original image's pixels (zeros elsewhere)."""
+    """The CAM of the centre crop, smoothly interpolated onto the original image's pixels.
+
+    Bicubic interpolation between the feature cells' centres, not blocks, with the edge
+    cells extended to the crop's border (a map is not pulled towards zero at its edges, which
+    would make every CAM look centred); past the crop the map fades to zero within half a
+    cell (the network never saw those pixels), so there is no hard edge.
+    """
     height, width = preprocess.frame
-    scale = preprocess.resize / min(height, width)  # framed image -> resized image
-    crop = preprocess.image_size / scale  # side of the crop, in framed-image pixels
-    canvas = np.zeros((height, width), dtype=np.float32)
-    top, left = int(round((height - crop) / 2)), int(round((width - crop) / 2))
-    side = max(1, int(round(crop)))
-    patch = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((side, side),
-                                                                      Image.Resampling.BILINEAR))
-    canvas[top:top + side, left:left + side] = patch[:height - top, :width - left]
-    # framed image -> original: the frame is the original scaled to cover it, centre-cropped
-    cover = max(height / image.height, width / image.width)
-    region_w, region_h = width / cover, height / cover
-    original = np.zeros((image.height, image.width), dtype=np.float32)
-    x0, y0 = int(round((image.width - region_w) / 2)), int(round((image.height - region_h) / 2))
-    w, h = max(1, int(round(region_w))), max(1, int(round(region_h)))
-    mapped = np.asarray(Image.fromarray(canvas).resize((w, h), Image.Resampling.BILINEAR))
-    original[y0:y0 + h, x0:x0 + w] = mapped[:image.height - y0, :image.width - x0]
-    return original
+    cover = max(height / image.height, width / image.width)  # decode.fit_to_frame
+    shrink = preprocess.resize / min(height, width)  # preprocess.resize_shorter
+    rows = _cell_positions(image.height, max(height, round(image.height * cover)), height,
+                           max(preprocess.resize, round(height * shrink)),
+                           preprocess.image_size, cam.shape[0])
+    columns = _cell_positions(image.width, max(width, round(image.width * cover)), width,
+                              max(preprocess.resize, round(width * shrink)),
+                              preprocess.image_size, cam.shape[1])
+    smooth = (_cubic_weights(rows, cam.shape[0]) @ cam.astype(np.float32)
+              @ _cubic_weights(columns, cam.shape[1]).T)
+    fade = np.outer(_fade(rows, cam.shape[0]), _fade(columns, cam.shape[1]))
+    return np.clip(smooth * fade, 0, 1).astype(np.float32)  # cubic weights overshoot a little
+
+
+def _cell_positions(original: int, covered: int, framed: int, resized: int, crop: int,
+                    cells: int) -> np.ndarray:
+    """Where each original pixel's centre falls on one axis of the feature map, in cells
+    from the first cell's centre: original -> frame (cover, centre-crop) -> resize -> crop."""
+    centres = np.arange(original, dtype=np.float64) + 0.5
+    in_frame = centres * covered / original - (covered - framed) // 2
+    in_crop = in_frame * resized / framed - (resized - crop) // 2
+    return in_crop * cells / crop - 0.5
+
+
+def _cubic_weights(positions: np.ndarray, cells: int) -> np.ndarray:
+    """(positions, cells) interpolation weights of Keys' cubic convolution (a = -0.5), the
+    map's edge cells repeated beyond it (positions past the edge take the edge's value)."""
+    clamped = np.clip(positions, 0, cells - 1)
+    weights = np.zeros((len(positions), cells), dtype=np.float32)
+    for offset in range(-2, cells + 2):
+        d = np.abs(clamped - offset)
+        w = np.where(d <= 1, 1.5 * d**3 - 2.5 * d**2 + 1,
+                     np.where(d < 2, -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2, 0))
+        weights[:, min(max(offset, 0), cells - 1)] += w.astype(np.float32)
+    return weights
+
+
+def _fade(positions: np.ndarray, cells: int) -> np.ndarray:
+    """1 inside the crop, falling to 0 within half a cell outside it."""
+    outside = np.maximum(-0.5 - positions, positions - (cells - 0.5)).clip(min=0)
+    return np.clip(1 - 2 * outside, 0, 1).astype(np.float32)
 
 
 def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """The image with the CAM as a 'jet' heat map on top; same size as `image`."""
-    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    """The image under a 'jet' heat map of the CAM, blended alike everywhere (so the colour
+    alone reads as the CAM value, as on a colour bar); same size as `image`."""
+    heat = colormaps[CAM_COLORMAP](np.clip(cam, 0, 1))[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-    weight = alpha * np.clip(cam, 0, 1)[..., None]
-    return Image.fromarray(((base * (1 - weight) + heat * weight) * 255).astype(np.uint8))
+    blended = base * (1 - alpha) + heat * alpha
+    return Image.fromarray(np.round(blended * 255).astype(np.uint8))
 
 
 def explain(model, image: Image.Image) -> tuple[Image.Image, int, float]:
-    """(overlay, predicted class index, its probability) for a loaded SkinLesionModel."""
+    """(overlay, predicted class index, its probability) for a loaded SkinLesionModel.
+
+    The overlay's `info[FEATURE_MAP]` is the (h, w) of the feature map the CAM came from:
+    a 3x3 map can only say which part of the image, not which detail.
+    """
     rgb = image.convert("RGB")
     height, width = model.preprocess.frame  # as served: same frame, same crop
     inputs = model.inputs(np.array(fit_to_frame(rgb, height, width))[None])
@@ -87,4 +126,6 @@ def explain(model, image: Image.Image) -> tuple[Image.Image, int, float]:
         cam, index = grad_cam(model.network, inputs)
     with torch.no_grad():
         probability = float(model.probabilities(inputs)[0, index])
-    return overlay(rgb, cam_on_image(cam, rgb, model.preprocess)), index, probability
+    picture = overlay(rgb, cam_on_image(cam, rgb, model.preprocess))
+    picture.info[FEATURE_MAP] = cam.shape
+    return picture, index, probability

@@ -10,11 +10,14 @@ matplotlib.use("Agg")  # no display: figures are only saved
 
 import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from skinml.explain import CAM_COLORMAP, FEATURE_MAP  # noqa: E402
 from skinml.labels import CLASSES, DIAGNOSES  # noqa: E402
-from skinml.metrics import classification_report, confusion  # noqa: E402
+from skinml.metrics import AGE_BANDS, classification_report, confusion  # noqa: E402
 
 
 def split_figures(scored, title: str) -> dict[str, Figure]:
@@ -68,7 +71,7 @@ def pr_figure(labels: np.ndarray, probs: np.ndarray, title: str) -> Figure:
 
 
 def _curves(labels: np.ndarray, probs: np.ndarray, title: str, roc: bool) -> Figure:
-    figure, axes = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
+    figure, axes = plt.subplots(figsize=(10, 6), layout="constrained")
     for cls, name in enumerate(CLASSES):
         positive = labels == cls
         if positive.all() or not positive.any():
@@ -80,56 +83,88 @@ def _curves(labels: np.ndarray, probs: np.ndarray, title: str, roc: bool) -> Fig
             skm.PrecisionRecallDisplay.from_predictions(positive, probs[:, cls], ax=axes,
                                                         name=f"{name} ({DIAGNOSES[name]})")
     if roc:
-        axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+        axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+        axes.set_xlabel("false positive rate")
+        axes.set_ylabel("true positive rate (sensitivity)")
+    else:
+        axes.set_xlabel("recall (sensitivity)")
+        axes.set_ylabel("precision")
     axes.set_title(f"{title}\n{'ROC, one-vs-rest' if roc else 'precision-recall, one-vs-rest'}")
-    axes.legend(loc="lower right" if roc else "lower left", fontsize="small")
+    # beside the axes: inside, it hides the curves of the rare classes
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     return figure
 
 
 def reliability_figure(labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray,
                        temperature: float, title: str) -> Figure:
-    """Reliability diagram before and after temperature scaling."""
+    """Reliability diagram before and after temperature scaling, images per bin below it."""
     from skinml.metrics import expected_calibration_error, reliability
 
-    figure, axes = plt.subplots(figsize=(7, 6.5), layout="constrained")
+    figure, (axes, counts) = plt.subplots(2, 1, figsize=(7, 8), layout="constrained",
+                                          sharex=True, height_ratios=[3, 1])
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-    for name, probs in (("before", uncalibrated), (f"after (T = {temperature:.2f})", calibrated)):
+    runs = (("before", uncalibrated, 0.25), (f"after (T = {temperature:.2f})", calibrated, 0.75))
+    for name, probs, position in runs:  # position: where in its bin a count's bar stands
         table = reliability(labels, probs)
-        table = table[table["count"] > 0]
         ece = expected_calibration_error(labels, probs)
-        axes.plot(table["confidence"], table["accuracy"], marker="o",
-                  label=f"{name}: ECE {ece:.3f}")
-    axes.set_xlabel("confidence (top-label probability)")
+        line, = axes.plot(table["confidence"][table["count"] > 0],
+                          table["accuracy"][table["count"] > 0], marker="o",
+                          label=f"{name}: ECE {ece:.3f}")
+        width = table["high"] - table["low"]
+        counts.bar(table["low"] + width * position, table["count"], width=width * 0.45,
+                   color=line.get_color(), label=name)
     axes.set_ylabel("accuracy")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1)
     axes.set_title(f"{title}\nreliability diagram")
     axes.legend(loc="upper left")
+    counts.set_xlabel("confidence (top-label probability)")
+    counts.set_ylabel("images per bin")
     return figure
 
 
 def subgroup_figure(table, title: str) -> Figure:
-    """Balanced accuracy per subgroup; groups under 30 images are hatched and marked."""
+    """Balanced accuracy per subgroup; groups under 30 images are hatched and marked, age
+    bands in age order (all of them: a band without images says so)."""
     attributes = list(dict.fromkeys(table["attribute"]))
+    groups = {a: _ordered_groups(table[table["attribute"] == a], a) for a in attributes}
     figure, all_axes = plt.subplots(len(attributes), 1, layout="constrained",
-                                    figsize=(8, 1.2 + 0.35 * len(table)),
-                                    height_ratios=[max(1, (table["attribute"] == a).sum())
-                                                   for a in attributes], squeeze=False)
+                                    figsize=(8, 1.2 + 0.35 * sum(map(len, groups.values()))),
+                                    height_ratios=[max(1, len(groups[a])) for a in attributes],
+                                    squeeze=False)
     for axes, attribute in zip(all_axes[:, 0], attributes, strict=True):
-        rows = table[table["attribute"] == attribute]
+        rows = groups[attribute]
+        values = rows["balanced_accuracy"].to_numpy(dtype=float)
         bars = axes.barh([f"{g} (n={n}){' *' if s else ''}" for g, n, s in
                           zip(rows["group"], rows["images"], rows["small"], strict=True)],
-                         rows["balanced_accuracy"].fillna(0), color="tab:blue")
-        for bar, small in zip(bars, rows["small"], strict=True):
+                         np.nan_to_num(values), color="tab:blue")
+        for bar, small, images, value in zip(bars, rows["small"], rows["images"], values,
+                                             strict=True):
             if small:
                 bar.set_hatch("//")
                 bar.set_alpha(0.5)
-        axes.set_xlim(0, 1)
-        axes.set_title(attribute, loc="left", fontsize="medium")
+            text = ("no images" if images == 0 else "undefined" if np.isnan(value)
+                    else f"{value:.2f}")
+            axes.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, text,
+                      va="center", fontsize="small")
+        axes.set_xlim(0, 1.08)
+        axes.set_title(attribute.replace("_", " "), loc="left", fontsize="medium")
         axes.invert_yaxis()
     all_axes[-1, 0].set_xlabel("balanced accuracy (* = fewer than 30 images: read with care)")
     figure.suptitle(f"{title}: subgroups")
     return figure
+
+
+def _ordered_groups(rows, attribute: str):
+    """Age bands youngest first, bands without images as rows of n=0; 'unknown' last."""
+    present = sorted(rows["group"], key=lambda g: (g == "unknown", g))
+    if attribute != "age_band":
+        return rows.set_index("group").loc[present].reset_index()
+    order = [name for name, _, _ in AGE_BANDS] + ["unknown"]
+    rows = rows.set_index("group").reindex(order + [g for g in present if g not in order])
+    empty = rows["images"].isna()
+    rows.loc[empty, "images"], rows.loc[empty, "small"] = 0, True
+    return rows.reset_index().astype({"images": int, "small": bool})
 
 
 def metrics_markdown(scores: dict[str, float], split: str) -> str:
@@ -165,9 +200,10 @@ def table_markdown(frame, float_format: str = "{:.3f}") -> str:
 
 
 def gradcam_grid(rows, title: str) -> Figure:
-    """rows[i] = [(PIL image, caption), ...]: one row per class of Grad-CAM overlays."""
+    """rows[i] = [(PIL image, caption), ...]: one row per class of Grad-CAM overlays
+    (explain.explain's), with their colour scale."""
     columns = max((len(r) for r in rows), default=1) or 1
-    figure, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 2.6 * len(rows)),
+    figure, axes = plt.subplots(len(rows), columns, figsize=(3 * columns + 1, 2.6 * len(rows)),
                                 layout="constrained", squeeze=False)
     for row_axes, cells, name in zip(axes, rows, CLASSES, strict=True):
         for ax in row_axes:
@@ -177,8 +213,35 @@ def gradcam_grid(rows, title: str) -> Figure:
             ax.set_title(caption, fontsize="small")
         if not cells:
             row_axes[0].text(0.5, 0.5, f"no {name} images", ha="center", va="center")
-    figure.suptitle(f"{title}\nGrad-CAM: where the model looked")
+    _cam_colorbar(figure, axes)
+    figure.suptitle(f"{title}\n{_cam_title([p for cells in rows for p, _ in cells])}")
     return figure
+
+
+def gradcam_figure(picture, caption: str) -> Figure:
+    """One Grad-CAM overlay (explain.explain's) with its colour scale and what it came from."""
+    figure, axes = plt.subplots(figsize=(8, 6.5), layout="constrained")
+    axes.imshow(picture)
+    axes.axis("off")
+    _cam_colorbar(figure, axes)
+    figure.suptitle(f"{caption}\n{_cam_title([picture])}")
+    return figure
+
+
+def _cam_colorbar(figure: Figure, axes) -> None:
+    scale = ScalarMappable(Normalize(0, 1), cmap=CAM_COLORMAP)
+    bar = figure.colorbar(scale, ax=axes, shrink=0.5)
+    bar.set_label("Grad-CAM (1 = the image's own maximum)")
+
+
+def _cam_title(pictures) -> str:
+    """Says how coarse the maps are: a 3x3 map marks a region, not a detail."""
+    sizes = sorted({tuple(p.info[FEATURE_MAP]) for p in pictures if FEATURE_MAP in p.info})
+    if not sizes:
+        return "Grad-CAM: where the model looked"
+    maps = " or ".join(f"{h}x{w}" for h, w in sizes)
+    return (f"Grad-CAM from a {maps} feature map, smoothly upsampled:\n"
+            "where the model looked, at that resolution only")
 
 
 def comparison_figure(comparison, name_a: str, name_b: str, title: str) -> Figure:
