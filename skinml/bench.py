@@ -222,3 +222,50 @@ def _milliseconds(call, rows: int) -> float:
     started = time.perf_counter()
     call(rows)
     return (time.perf_counter() - started) * 1000
+
+
+@dataclass(frozen=True)
+class ConcurrentLoad:
+    clients: int
+    requests: int
+    seconds: float
+    latencies_ms: np.ndarray
+    errors: int
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+
+def bench_concurrency(image: Path, url: str, clients: int, requests: int) -> ConcurrentLoad:
+    """`clients` threads each posting one-image requests until `requests` are answered."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skinml.serving import DIRECT
+
+    body = json.dumps({"inputs": {"image": [base64.b64encode(image.read_bytes()).decode()]}}
+                      ).encode()
+
+    def one(_: int) -> tuple[float, bool]:
+        request = urllib.request.Request(f"{url}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        started = time.perf_counter()
+        try:
+            with DIRECT.open(request, timeout=120) as reply:
+                reply.read()
+                ok = reply.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            ok = False
+        return (time.perf_counter() - started) * 1000, ok
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(clients)))  # warm-up: one request per client
+        started = time.perf_counter()
+        results = list(pool.map(one, range(requests)))
+        seconds = time.perf_counter() - started
+    return ConcurrentLoad(clients, requests, seconds, np.array([ms for ms, _ in results]),
+                          sum(not ok for _, ok in results))

@@ -554,13 +554,15 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
               help="Request image [default: one of the bundled sample].")
 @click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5))
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", default="1,4,16", show_default=True, metavar="N[,N...]",
+              help="Concurrent one-image clients to measure (0: skip).")
 def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
-                batch: int) -> None:
+                batch: int, concurrency: str) -> None:
     """REST latency (p50/p95) vs in-process predict, and batch throughput."""
     import numpy as np
 
+    from skinml.bench import bench_concurrency, machine
     from skinml.bench import bench_serve as run
-    from skinml.bench import machine
     from skinml.data.metadata import default_data_dir
     from skinml.serving import free_port, start_server, stop_server, wait_ready
 
@@ -574,6 +576,8 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
         if server is not None:
             wait_ready(server, port)
         result = run(model_uri, image, url.rstrip("/"), count, batch)
+        loads = [bench_concurrency(image, url.rstrip("/"), clients, max(count, 4 * clients))
+                 for clients in _client_counts(concurrency)]
     finally:
         if server is not None:
             stop_server(server)
@@ -585,6 +589,23 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
                f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
     click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x (goal <= 1.25x)")
+    for load in loads:
+        p50, p95, p99 = (float(v) for v in np.percentile(load.latencies_ms, [50, 95, 99]))
+        share = load.per_second / result.local_batch_images_per_second
+        click.echo(f"{load.clients:3d} clients  {load.per_second:8.1f} requests/s "
+                   f"({100 * share:.0f}% of in-process {batch}-image batches)  p50 {p50:.1f} "
+                   f"p95 {p95:.1f} p99 {p99:.1f} ms  errors {load.errors}")
+
+
+def _client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of numbers",
+                                 param_hint="--concurrency") from None
+    if any(n < 0 for n in counts):
+        raise click.BadParameter("client counts must be >= 0", param_hint="--concurrency")
+    return [n for n in counts if n > 0]
 
 
 @bench.command("gpu")

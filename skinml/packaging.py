@@ -25,6 +25,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from skinml.batching import Coalescer
 from skinml.config import ModelConfig
 from skinml.data.decode import fit_to_frame, open_rgb
 from skinml.data.preprocess import Preprocess
@@ -95,6 +96,8 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.network.to(self.device).eval()
         self.transform = self.preprocess.eval_transform().to(self.device)
         self.temperature = float(meta.get("temperature", 1.0))
+        # Concurrent requests (the scoring server's threads) share forward passes.
+        self.coalesce = Coalescer.from_environment(self._forward)
 
     def to(self, device: str | torch.device) -> SkinLesionModel:
         """Run on `device` from now on (loading picks CUDA when there is one)."""
@@ -121,10 +124,16 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         temperature = self.temperature if calibrated else 1.0
         return (self.network(inputs).float() / temperature).softmax(1)
 
-    @torch.no_grad()
     def _batch_probabilities(self, encoded: list[Any], offset: int, tta: bool,
                              calibrated: bool) -> np.ndarray:
+        """Decoded here, in the caller's thread (a bad image fails only its own request);
+        the forward pass is shared with whatever other requests are queued."""
         pixels = np.stack([self._decode(value, offset + i) for i, value in enumerate(encoded)])
+        return self.coalesce(pixels, (tta, calibrated))
+
+    @torch.no_grad()
+    def _forward(self, pixels: np.ndarray, key: tuple[bool, bool]) -> np.ndarray:
+        tta, calibrated = key
         inputs = self.inputs(pixels)
         views = _dihedral(inputs) if tta else [inputs]
         probs = torch.stack([self.probabilities(view, calibrated) for view in views]).mean(0)

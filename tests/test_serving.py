@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -126,6 +127,36 @@ def test_all_payload_forms_answer_200_and_match_in_process_predict(server, store
         pd.DataFrame({"image": batch}))
     assert served["label"].tolist() == local["label"].tolist()
     np.testing.assert_allclose(served[PROBS].to_numpy(), local[PROBS].to_numpy(), atol=1e-5)
+
+
+def test_concurrent_requests_each_get_their_own_images_answers(server, store):
+    """32 clients at once, each with its own images: the server coalesces their forward
+    passes, and every answer is still that request's own, in its order."""
+    paths = sorted(store["folder"].glob("*.jpg"))[:40]
+    encoded_all = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").predict(
+        pd.DataFrame({"image": encoded_all}))[PROBS].to_numpy()
+    requests = [list(range(i, i + 1 + i % 3)) for i in range(32)]  # 1-3 images each
+
+    def ask(rows: list[int]) -> tuple[int, dict]:
+        return post(server, {"inputs": {"image": [encoded_all[r] for r in rows]}})
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, requests))
+    for rows, (status, body) in zip(requests, answers, strict=True):
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])[PROBS].to_numpy()
+        np.testing.assert_allclose(served, local[rows], atol=1e-6)
+
+
+def test_one_bad_request_among_concurrent_good_ones_fails_alone(server, images):
+    good = {"inputs": {"image": [images["jpeg"]]}}
+    bad = {"inputs": {"image": ["@@@ not base64 @@@"]}}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda payload: post(server, payload), [good] * 7 + [bad]
+                                + [good] * 8))
+    assert [status for status, _ in answers] == [200] * 7 + [400] + [200] * 8
+    assert answers[7][1]["message"] == "row 0: image is not valid base64"
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "png", "rgba", "grey", "large"])

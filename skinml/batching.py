@@ -1,0 +1,104 @@
+"""Request coalescing: concurrent calls gathered into one batched forward pass.
+
+MLflow's scoring server calls `predict` from a thread pool, so concurrent one-image requests
+would run as concurrent batch-of-one forward passes fighting over the same cores (or
+launching many tiny GPU kernels). Here every call hands its rows to one worker thread,
+which runs whatever is queued as one batch and gives each caller exactly its own rows back.
+Under load the queue fills while a batch runs, so batches grow by themselves; a lone
+request runs at once and never waits for the timer.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
+MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
+
+
+@dataclass
+class _Job:
+    rows: np.ndarray
+    key: Hashable  # calls with different keys (e.g. TTA on/off) are never mixed
+    result: Future = field(default_factory=Future)
+
+
+class Coalescer:
+    """`coalescer(rows, key)` -> `run(all queued rows with that key, key)` split back per call.
+
+    `max_batch` caps the rows of one pass (a single larger call still runs whole);
+    `max_wait` (seconds) is how long a pass that already gathered several calls waits for
+    more to arrive, up to `max_batch`.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray, Hashable], np.ndarray], max_batch: int = 64,
+                 max_wait: float = 0.005) -> None:
+        self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._start = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray]) -> Coalescer:
+        """Settings from SKINML_SERVE_MAX_BATCH (64) and SKINML_SERVE_MAX_WAIT_MS (5)."""
+        return cls(run, max_batch=max(1, int(os.environ.get(MAX_BATCH_ENV, "64"))),
+                   max_wait=max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
+
+    def __call__(self, rows: np.ndarray, key: Hashable = None) -> np.ndarray:
+        job = _Job(rows, key)
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.result.result()
+
+    def _ensure_worker(self) -> None:
+        with self._start:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, daemon=True,
+                                                name="skinml-coalescer")
+                self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            jobs = self._gather(self._queue.get())
+            for key in dict.fromkeys(job.key for job in jobs):
+                self._run([job for job in jobs if job.key == key], key)
+
+    def _gather(self, first: _Job) -> list[_Job]:
+        """`first` plus whatever is queued; if that is more than one call, wait a little for
+        more (up to max_batch rows)."""
+        jobs, rows = [first], len(first.rows)
+        deadline = None
+        while rows < self.max_batch:
+            try:
+                if deadline is None:
+                    job = self._queue.get_nowait()
+                else:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                if len(jobs) == 1 or deadline is not None or self.max_wait == 0:
+                    break  # a lone call runs at once
+                deadline = time.monotonic() + self.max_wait
+                continue
+            jobs.append(job)
+            rows += len(job.rows)
+        return jobs
+
+    def _run(self, jobs: list[_Job], key: Hashable) -> None:
+        try:
+            output = self.run(np.concatenate([job.rows for job in jobs]), key)
+        except BaseException as exc:  # each caller sees the failure of its own pass
+            for job in jobs:
+                job.result.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            job.result.set_result(output[start:start + len(job.rows)])
+            start += len(job.rows)
