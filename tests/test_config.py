@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from skinml.cli import main
 from skinml.config import Config, ConfigError, load_config, parse_override
 
 from .data.test_metadata import skinml_cli
@@ -91,9 +93,9 @@ def test_train_cli_exits_2_naming_the_bad_key_and_where_it_came_from(tmp_path):
     bad.write_text("balance:\n  gamma: -1\n")
     cases.append((["--config", str(bad)],
                   f"error: {bad}: balance.gamma must be between 0.0 and 10.0, got -1.0"))
-    for args, message in cases:
-        result = skinml_cli("train", *args)
-        assert result.returncode == 2, args
+    for args, message in cases:  # in-process: each stops at the config, before any work
+        result = CliRunner().invoke(main, ["train", *args])
+        assert result.exit_code == 2, (args, result.output)
         assert result.stderr.strip().startswith(message), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
 

@@ -18,8 +18,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from skinml.cli import main
 from skinml.config import load_config
 from skinml.labels import CLASSES
 from skinml.registry import CHALLENGER, CHAMPION, register_run
@@ -296,19 +298,24 @@ def test_skinml_serve_refuses_an_unknown_model_or_a_busy_port_in_one_line(store)
                                       "with --port)")
 
 
-def test_reading_commands_leave_no_tracking_store_behind(tmp_path):
+def test_reading_commands_leave_no_tracking_store_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be ./mlflow.db here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
     for args in (["serve", "models:/m@champion"], ["predict", "models:/m@champion", "x.jpg"],
                  ["evaluate", "models:/m@champion"], ["register", "--experiment", "x"],
-                 ["compare", "models:/a/1", "models:/b/1"]):
-        result = subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True,
-                                text=True, timeout=120, cwd=tmp_path,
-                                env={k: v for k, v in os.environ.items()
-                                     if k != "MLFLOW_TRACKING_URI"})
-        assert result.returncode == 2, (args, result.stderr[-2000:])
+                 ["compare", "models:/a/1", "models:/b/1"],
+                 ["explain", "models:/m@champion", str(store_image()), "--out", "o.png"]):
+        result = CliRunner().invoke(main, args)  # in-process: each stops before MLflow
+        assert result.exit_code == 2, (args, result.output)
         assert result.stderr.strip() == (
             f"error: no MLflow tracking store at {tmp_path / 'mlflow.db'}: run this in the "
             "folder you trained in, or set MLFLOW_TRACKING_URI"), args
         assert list(tmp_path.iterdir()) == [], args
+
+
+def store_image() -> Path:
+    return next(iter(sorted(Path(__file__).resolve().parents[1].glob("skinml/sample/*.jpg"))))
 
 
 def test_mlflow_run_register_entry_point(store):
