@@ -108,6 +108,7 @@ def test_pruned_trial_is_killed_not_finished_and_resume_continues(tracking, tmp_
     assert trials[1].user_attrs[RUN_ID_ATTR] == pruned.info.run_id
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell here, not optimize
 def test_a_resumed_study_with_the_same_seed_proposes_new_points(tmp_path):
     def first_point(sampler: str, database: str = "optuna.db") -> float:
         study = open_study(options(tmp_path, tmp_path, sampler=sampler, study_name=sampler,
