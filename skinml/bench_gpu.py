@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from skinml.config import Config, load_config
+from skinml.errors import first_line
 from skinml.files import write_atomically
 
 
@@ -141,8 +142,7 @@ def _measured(name: str, step: Callable[[], Row], plan: Plan) -> Row:
     except Skipped as why:
         row = Row(name, status=f"skipped: {why}")
     except Exception as exc:  # one step's failure must not cost the others
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        row = Row(name, status=f"failed: {type(exc).__name__}: {reason}"[:300])
+        row = Row(name, status=f"failed: {type(exc).__name__}: {first_line(exc)}"[:300])
         row.values["traceback"] = traceback.format_exc()[-2000:]
     row.step = name
     row.seconds = time.perf_counter() - started
@@ -255,7 +255,7 @@ def _train_run(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
 
     config = _run_config(plan, data_dir, work, plan.run_epochs)
     started = time.perf_counter()
-    result = train(config)
+    result = train(config, data=_prepared(plan, data_dir, work, shared))  # the same cache
     seconds = time.perf_counter() - started
     run = mlflow.get_run(result.run_id)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
@@ -284,7 +284,9 @@ def _resume(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
     # Compiling again would only time the compiler; the checkpoint is what is checked here.
     config = _run_config(plan, data_dir, work, plan.run_epochs + 1, "runtime.compile=false")
     path = checkpoint_path(config, shared["run_id"])
-    data = prepare_data(config)
+    data = _prepared(plan, data_dir, work, shared)
+    if data.config != config.data:
+        data = prepare_data(config)
     train = batches_for(data, "train", config.optim.batch_size, plan.device)
     val = batches_for(data, "val", config.runtime.eval_batch_size, plan.device)
     epochs = []
@@ -302,19 +304,14 @@ def _resume(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
 
 def _serve(plan: Plan, data_dir: Path, shared: dict) -> Row:
     from skinml.bench import bench_serve
-    from skinml.serving import free_port, start_server, stop_server, wait_ready
+    from skinml.serving import running_server
 
     if "model_uri" not in shared:
         raise RuntimeError("no logged model to serve (the training row failed)")
     image = next(iter(sorted(data_dir.glob("*.jpg"))))
-    port = free_port()
-    server = start_server(str(shared["model_uri"]), port)
-    try:
-        wait_ready(server, port)
-        result = bench_serve(str(shared["model_uri"]), image, f"http://127.0.0.1:{port}",
-                             plan.serve_requests, 64)
-    finally:
-        stop_server(server)
+    model_uri = str(shared["model_uri"])
+    with running_server(model_uri) as url:
+        result = bench_serve(model_uri, image, url, plan.serve_requests, 64)
     rest50, local50 = float(np.median(result.rest_ms)), float(np.median(result.local_ms))
     return Row("", figure=f"{result.local_batch_images_per_second:,.0f} img/s in-process "
                           "(64-image requests)",

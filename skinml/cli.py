@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -564,23 +565,13 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     from skinml.bench import bench_concurrency, machine
     from skinml.bench import bench_serve as run
     from skinml.data.metadata import default_data_dir
-    from skinml.serving import free_port, start_server, stop_server, wait_ready
+    from skinml.serving import running_server
 
     image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
-    server = None
-    if url is None:
-        port = free_port()
-        server = start_server(model_uri, port)
-        url = f"http://127.0.0.1:{port}"
-    try:
-        if server is not None:
-            wait_ready(server, port)
-        result = run(model_uri, image, url.rstrip("/"), count, batch)
-        loads = [bench_concurrency(image, url.rstrip("/"), clients, max(count, 4 * clients))
-                 for clients in _client_counts(concurrency)]
-    finally:
-        if server is not None:
-            stop_server(server)
+    clients = _client_counts(concurrency)
+    with contextlib.nullcontext(url.rstrip("/")) if url else running_server(model_uri) as url:
+        result = run(model_uri, image, url, count, batch)
+        loads = [bench_concurrency(image, url, n, max(count, 4 * n)) for n in clients]
     rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
     local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
     click.echo(f"machine: {machine()}; model {model_uri}; {count} one-image requests")

@@ -29,7 +29,7 @@ from skinml.batching import Coalescer
 from skinml.config import ModelConfig
 from skinml.data.decode import fit_to_frame, open_rgb
 from skinml.data.preprocess import Preprocess
-from skinml.errors import SkinmlError
+from skinml.errors import SkinmlError, first_line
 from skinml.labels import (
     CLASSES,
     DIAGNOSES,
@@ -245,7 +245,7 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise SkinmlError(f"cannot load model {model_uri}: {reason}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,9 +11,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-from skinml.errors import SkinmlError
+from skinml.errors import SkinmlError, first_line
 
 # Local servers are reached directly: an http_proxy in the environment (or one urllib cached
 # when it first opened a URL) must not swallow requests to 127.0.0.1.
@@ -36,7 +38,7 @@ def check_model_uri(model_uri: str) -> None:
     try:
         get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise SkinmlError(f"cannot serve {model_uri}: {reason}") from None
 
 
@@ -75,6 +77,18 @@ def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> 
             pass
         time.sleep(0.25)
     raise SkinmlError(f"model server on port {port} did not answer /ping in {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(model_uri: str) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` on a free 127.0.0.1 port; yields its URL."""
+    port = free_port()
+    process = start_server(model_uri, port)
+    try:
+        wait_ready(process, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -141,11 +141,7 @@ def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | Non
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else name,
                           nested=nested, log_system_metrics=system_metrics) as run:
-        experiment_name = MlflowClient().get_experiment(run.info.experiment_id).name
-        judging = role in ("evaluation", "comparison")
-        note = (EVALUATIONS_NOTE if judging else TRAINING_NOTE).format(
-            experiment=experiment_name.removesuffix("-evaluations"))
-        _tag_experiment(run.info.experiment_id, note)
+        _describe_experiment(run.info.experiment_id, role)
         if resume_run_id is None:
             mlflow.set_tags({"mlflow.runName": name, ROLE_TAG: role, **_git_tags(),
                              **(tags or {})})
@@ -174,14 +170,17 @@ def _launched_by_mlflow_run() -> bool:
     return bool(os.environ.get("MLFLOW_RUN_ID"))
 
 
-def _tag_experiment(experiment_id: str, note: str) -> None:
+def _describe_experiment(experiment_id: str, role: str) -> None:
     """The UI's view of the experiment, and a description saying what is in it (once)."""
     client = MlflowClient()
-    tags = client.get_experiment(experiment_id).tags
-    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    if NOTE_TAG not in tags:
-        client.set_experiment_tag(experiment_id, NOTE_TAG, note)
+    if NOTE_TAG not in experiment.tags:
+        judging = role in ("evaluation", "comparison")
+        note = EVALUATIONS_NOTE if judging else TRAINING_NOTE
+        trained_in = experiment.name.removesuffix(EVALUATIONS.format(experiment=""))
+        client.set_experiment_tag(experiment_id, NOTE_TAG, note.format(experiment=trained_in))
 
 
 def _git_tags() -> dict[str, str]:

@@ -18,6 +18,7 @@ from skinml.data.errors import (
     NoImagesError,
     UnknownDiagnosisError,
 )
+from skinml.errors import first_line
 from skinml.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise MetadataFormatError(f"{path}: cannot be read as CSV ({reason})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
