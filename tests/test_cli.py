@@ -31,3 +31,23 @@ def test_every_command_has_help(command):
 def test_unknown_option_is_a_usage_error_with_exit_2():
     result = CliRunner().invoke(main, ["data", "check", "--bogus"])
     assert result.exit_code == 2
+
+
+def test_option_types_and_defaults_read_as_they_work():
+    train = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--epochs INT" in train and "--pretrained [true|false]" in train
+    assert "[default: demo]" in train
+    assert "[default: 5001;" in CliRunner().invoke(main, ["serve", "--help"]).output
+    force = CliRunner().invoke(main, ["register", "--help"]).output
+    assert "--force [true|false]" in force and "BOOLEAN" not in force
+
+
+def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first():
+    import torch
+
+    from skinml.cli import _bench_config
+
+    expected = "resnext50_32x4d" if torch.cuda.is_available() else "resnext_small"
+    assert _bench_config(None, None, ()).model.arch == expected
+    result = CliRunner().invoke(main, ["bench", "serve", "--concurrency", "4,x"])
+    assert result.exit_code == 2 and "'4,x' is not a list of numbers" in result.output

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from skinml.bench import bench_concurrency
 from skinml.cli import main
 from skinml.config import load_config
 from skinml.labels import CLASSES
@@ -149,6 +150,13 @@ def test_concurrent_requests_each_get_their_own_images_answers(server, store):
         assert status == 200, body
         served = pd.DataFrame(body["predictions"])[PROBS].to_numpy()
         np.testing.assert_allclose(served, local[rows], atol=1e-6)
+
+
+def test_bench_concurrency_counts_every_request_and_no_errors(server, store):
+    image = next(iter(sorted(store["folder"].glob("*.jpg"))))
+    load = bench_concurrency(image, server, clients=4, requests=12)
+    assert load.requests == 12 and len(load.latencies_ms) == 12 and load.errors == 0
+    assert load.per_second > 0
 
 
 def test_one_bad_request_among_concurrent_good_ones_fails_alone(server, images):
@@ -458,11 +466,15 @@ def test_explain_writes_an_overlay_of_the_images_size(store, tmp_path):
     source = tmp_path / "odd.png"
     photo.save(source)
     out = tmp_path / "overlay.png"
+    figure = tmp_path / "figure.png"
     result = run_cli(store, "explain", f"models:/{NAME}@{CHAMPION}", str(source), "--out",
-                     str(out))
+                     str(out), "--figure", str(figure))
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size == (301, 217)
     assert any(c in result.stdout for c in CLASSES)
+    # 32 px training: the CAM comes from a 1x1 map, and the output says so.
+    assert result.stdout.rstrip().endswith("(Grad-CAM from a 1x1 feature map)")
+    assert Image.open(figure).size[0] > 301  # the framed figure, with its colour scale
 
 
 def test_predict_isic_csv_is_accepted_by_the_official_scorer(store, tmp_path):
