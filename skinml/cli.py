@@ -354,15 +354,18 @@ def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootst
 @click.option("--port", default=SERVE_PORT, show_default=True, type=click.IntRange(1, 65535),
               help="Not 5000, where `mlflow ui` listens.")
 @click.option("--host", default="127.0.0.1", show_default=True)
-def serve(model_uri: str, port: int, host: str) -> None:
+@click.option("--timeout", type=click.IntRange(min=1), metavar="SECONDS",
+              help="Answer a request still running after this long with HTTP 504 "
+                   "[default: MLflow's, 60].")
+def serve(model_uri: str, port: int, host: str, timeout: int | None) -> None:
     """Serve a model over REST: runs `mlflow models serve` with the local environment."""
-    from skinml.serving import check_model_uri, check_port_free
+    from skinml.serving import check_model_uri, check_port_free, serve_command
 
     check_model_uri(model_uri)
     check_port_free(host, port)
     click.echo(f"serving {model_uri} at http://{host}:{port} (mlflow models serve)", err=True)
-    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                              model_uri, "--env-manager", "local", "-h", host, "-p", str(port)])
+    command = serve_command(model_uri, host, port, timeout)
+    os.execv(command[0], command)
 
 
 @main.command()

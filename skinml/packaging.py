@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,10 @@ WEIGHTS_FORMAT = 1
 MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
 CHUNK = 64  # images per forward pass: a 10,000-row request does not exhaust memory
 _FILE_CHUNK = 256  # image files read and encoded per predict call (predict_paths)
+# Limits on one request, checked before any image is decoded (a client cannot make the
+# server decode 100,000 images or hold gigabytes of pixels for one call).
+MAX_ROWS_ENV, MAX_ROWS = "SKINML_SERVE_MAX_ROWS", 256
+MAX_REQUEST_MB_ENV, MAX_REQUEST_MB = "SKINML_SERVE_MAX_REQUEST_MB", 64
 _ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pyyaml",
                  "scikit-learn", "tqdm")
@@ -96,6 +103,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.network.to(self.device).eval()
         self.transform = self.preprocess.eval_transform().to(self.device)
         self.temperature = float(meta.get("temperature", 1.0))
+        self.limits = RequestLimits.from_environment()
         # Concurrent requests (the scoring server's threads) share forward passes.
         self.coalesce = Coalescer.from_environment(self._forward)
 
@@ -109,6 +117,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> pd.DataFrame:
         images = _image_column(model_input)
+        self.limits.check(images)
         params = params or {}
         tta, calibrated = bool(params.get("tta", False)), bool(params.get("calibrated", True))
         probs = np.concatenate([self._batch_probabilities(images[i:i + CHUNK], i, tta, calibrated)
@@ -156,6 +165,44 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         return np.asarray(fit_to_frame(image, height, width))
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """The most images, and base64 megabytes, one `predict` call accepts."""
+
+    max_rows: int = MAX_ROWS
+    max_mb: float = MAX_REQUEST_MB
+
+    @classmethod
+    def from_environment(cls) -> RequestLimits:
+        """SKINML_SERVE_MAX_ROWS (256) and SKINML_SERVE_MAX_REQUEST_MB (64)."""
+        return cls(max_rows=max(1, int(os.environ.get(MAX_ROWS_ENV, MAX_ROWS))),
+                   max_mb=float(os.environ.get(MAX_REQUEST_MB_ENV, MAX_REQUEST_MB)))
+
+    def check(self, images: list[Any]) -> None:
+        if len(images) > self.max_rows:
+            raise _bad_input(f"request has {len(images)} images; at most {self.max_rows} per "
+                             f"request ({MAX_ROWS_ENV})")
+        size = sum(len(value) for value in images if isinstance(value, str | bytes))
+        if size > self.max_mb * 1e6:
+            raise _bad_input(f"request holds {size / 1e6:.1f} MB of images; at most "
+                             f"{self.max_mb:g} MB per request ({MAX_REQUEST_MB_ENV})")
+
+    def chunks(self, paths: list[Path]) -> list[list[Path]]:
+        """`paths` cut into calls that stay within the limits (and `_FILE_CHUNK` files)."""
+        chunks: list[list[Path]] = [[]]
+        size = 0.0
+        for path in paths:
+            encoded = 4 * math.ceil(Path(path).stat().st_size / 3)
+            chunk = chunks[-1]
+            if chunk and (len(chunk) >= min(self.max_rows, _FILE_CHUNK)
+                          or size + encoded > self.max_mb * 1e6):
+                chunks.append([])
+                size = 0.0
+            chunks[-1].append(path)
+            size += encoded
+        return [chunk for chunk in chunks if chunk]
+
+
 def probability_table(probs: np.ndarray) -> pd.DataFrame:
     """The served output: label, diagnosis, confidence and p_<class> for each row."""
     best = probs.argmax(1)
@@ -174,7 +221,8 @@ def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _image_column(model_input: Any) -> list[Any]:
-    if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+    # list(): a membership test on the Index builds a hash table on every request.
+    if not isinstance(model_input, pd.DataFrame) or "image" not in list(model_input.columns):
         raise _bad_input("input must have a column named 'image' holding base64 JPEG/PNG bytes")
     if len(model_input) == 0:
         raise _bad_input("input has no rows: send at least one image")
@@ -254,8 +302,8 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
     for path in paths:  # a bad file is named here, not as "row N" of a batch
         open_rgb(path, max_pixels=MAX_PIXELS)
     model = load_model(model_uri)
-    frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes()) for p in paths]})
-    table = model.predict(frame, params={"tta": tta})
+    table = pd.concat([model.predict(_encoded(chunk), params={"tta": tta})
+                       for chunk in RequestLimits.from_environment().chunks(paths)])
     table.index = pd.Index([Path(p).stem for p in paths], name="image")
     return table
 
@@ -268,12 +316,14 @@ def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool 
     memory as base64 at once.
     """
     chunks = []
-    for start in range(0, len(paths), _FILE_CHUNK):
-        frame = pd.DataFrame({"image": [encode_image(Path(p).read_bytes())
-                                        for p in paths[start:start + _FILE_CHUNK]]})
-        table = model.predict(frame, params={"tta": tta, "calibrated": calibrated})
+    for chunk in RequestLimits.from_environment().chunks(paths):
+        table = model.predict(_encoded(chunk), params={"tta": tta, "calibrated": calibrated})
         chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
     return np.concatenate(chunks)
+
+
+def _encoded(paths: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame({"image": [encode_image(Path(p).read_bytes()) for p in paths]})
 
 
 def isic_submission(table: pd.DataFrame) -> pd.DataFrame:

@@ -53,13 +53,21 @@ def check_port_free(host: str, port: int) -> None:
                               "program holds the port; choose one with --port)") from None
 
 
-def start_server(model_uri: str, port: int, log_path: Path | None = None) -> subprocess.Popen:
+def serve_command(model_uri: str, host: str, port: int, timeout: int | None = None
+                  ) -> list[str]:
+    """`mlflow models serve` with the local environment; `timeout` (s) cuts a slow request
+    with HTTP 504 (MLflow's default: 60)."""
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", host, "-p", str(port)]
+    return command + (["-t", str(timeout)] if timeout else [])
+
+
+def start_server(model_uri: str, port: int, log_path: Path | None = None,
+                 timeout: int | None = None) -> subprocess.Popen:
     """`mlflow models serve` on 127.0.0.1:port in its own process group."""
     output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-         "local", "-h", "127.0.0.1", "-p", str(port)],
-        stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(serve_command(model_uri, "127.0.0.1", port, timeout),
+                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:

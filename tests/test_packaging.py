@@ -75,6 +75,30 @@ def test_predict_paths_keeps_file_order_across_chunks(model, monkeypatch):
                                atol=1e-6)
 
 
+def test_request_limits_cut_a_file_list_by_rows_and_by_bytes(tmp_path):
+    paths = []
+    for i, size in enumerate([300, 300, 300, 600, 30]):  # base64: 400, 400, 400, 800, 40
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(b"x" * size)
+    assert packaging.RequestLimits(max_rows=2).chunks(paths) == [paths[:2], paths[2:4], paths[4:]]
+    assert packaging.RequestLimits(max_mb=0.0009).chunks(paths) == [
+        paths[:2], paths[2:3], paths[3:]]
+
+
+def test_an_oversized_call_is_refused_before_decoding(model, monkeypatch):
+    monkeypatch.setenv(packaging.MAX_ROWS_ENV, "2")
+    limits = packaging.RequestLimits.from_environment()
+    with pytest.raises(MlflowException, match=r"request has 3 images; at most 2 per request"):
+        limits.check(["not even base64"] * 3)
+    whole = model.predict(frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
+    monkeypatch.setattr(model.unwrap_python_model(), "limits", limits)
+    with pytest.raises(MlflowException, match="at most 2 per request"):
+        model.predict(frame(IMAGES))
+    # predict_paths keeps each call within the limits, so 5 files still work
+    np.testing.assert_allclose(packaging.predict_paths(model, [str(p) for p in IMAGES]), whole,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("value, reason", [
     ("@@@", "row 1: image is not valid base64"),
     (base64.b64encode(b"not an image").decode(), "row 1: image: cannot decode image"),

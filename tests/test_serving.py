@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,11 @@ def post(url: str, payload, raw: bytes | None = None) -> tuple[int, dict]:
         with DIRECT.open(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        text = error.read()
+        try:
+            return error.code, json.loads(text or b"{}")
+        except json.JSONDecodeError:  # MLflow's 504 is plain text
+            return error.code, {"message": text.decode()}
 
 
 def ping(url: str) -> int:
@@ -187,8 +192,8 @@ def test_tta_param_is_accepted(server, images):
     assert status == 200, body
 
 
-def _bomb() -> str:
-    image = Image.new("L", (8000, 8000))  # 64 million pixels, a few kB as PNG
+def _bomb(side: int = 8000) -> str:
+    image = Image.new("L", (side, side))  # 8000: 64 million pixels, a few kB as PNG
     return encoded(image, "PNG")
 
 
@@ -274,16 +279,35 @@ def test_predict_names_a_bad_file(store, tmp_path):
     assert str(bad) in result.stderr.strip().splitlines()[-1]
 
 
-def test_skinml_serve_runs_mlflow_models_serve(store):
+def test_skinml_serve_enforces_request_limits_and_a_timeout(store, images):
+    """`skinml serve` with small limits: too many rows or too many bytes are refused before
+    any image is decoded; a request slower than --timeout gets 504 while /ping answers."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "skinml", "serve", f"models:/{NAME}@{CHAMPION}", "--port",
-         str(port)], env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]},
+         str(port), "--timeout", "1"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "SKINML_SERVE_MAX_ROWS": "4",
+             "SKINML_SERVE_MAX_REQUEST_MB": "0.5"},
         cwd=store["root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, port)
-        assert ping(f"http://127.0.0.1:{port}") == 200
+        status, body = post(url, {"inputs": {"image": [images["jpeg"]] * 5}})
+        assert (status, body["message"]) == (
+            400, "request has 5 images; at most 4 per request (SKINML_SERVE_MAX_ROWS)")
+        not_an_image = base64.b64encode(os.urandom(450_000)).decode()  # 0.6 MB of base64
+        status, body = post(url, {"inputs": {"image": [not_an_image]}})
+        assert status == 400 and "request holds 0.6 MB of images; at most 0.5 MB" in \
+            body["message"], body  # refused by size: it was never decoded
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post, url, {"inputs": {"image": [_bomb(7000)] * 4}})
+            time.sleep(0.3)
+            started = time.perf_counter()
+            assert ping(url) == 200
+            assert time.perf_counter() - started < 1.0  # the server answers while it decodes
+            assert slow.result()[0] == 504
+        assert post(url, {"inputs": {"image": [images["jpeg"]]}})[0] == 200
     finally:
         stop_server(process)
 
