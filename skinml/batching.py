@@ -24,6 +24,13 @@ MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
 
 
+def batch_settings() -> tuple[int, float]:
+    """(max_batch, max_wait in seconds) from SKINML_SERVE_MAX_BATCH (64) and
+    SKINML_SERVE_MAX_WAIT_MS (5); MLServer's adaptive batching reads the same."""
+    return (max(1, int(os.environ.get(MAX_BATCH_ENV, "64"))),
+            max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
+
+
 @dataclass
 class _Job:
     rows: np.ndarray
@@ -48,9 +55,8 @@ class Coalescer:
 
     @classmethod
     def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray]) -> Coalescer:
-        """Settings from SKINML_SERVE_MAX_BATCH (64) and SKINML_SERVE_MAX_WAIT_MS (5)."""
-        return cls(run, max_batch=max(1, int(os.environ.get(MAX_BATCH_ENV, "64"))),
-                   max_wait=max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
+        max_batch, max_wait = batch_settings()
+        return cls(run, max_batch=max_batch, max_wait=max_wait)
 
     def __call__(self, rows: np.ndarray, key: Hashable = None) -> np.ndarray:
         job = _Job(rows, key)

@@ -174,6 +174,7 @@ def machine() -> str:
 
 @dataclass(frozen=True)
 class ServeLatency:
+    model: str  # "arch, N px"
     rest_ms: np.ndarray
     local_ms: np.ndarray
     rest_batch_images_per_second: float
@@ -210,7 +211,9 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
     rounds = max(3, requests // 10)
     rest_batch = sum(_milliseconds(post, batch) for _ in range(rounds)) / 1000
     local_batch = sum(_milliseconds(local, batch) for _ in range(rounds)) / 1000
-    return ServeLatency(np.array(rest_ms), np.array(local_ms), batch * rounds / rest_batch,
+    served = model.unwrap_python_model()
+    return ServeLatency(f"{served.arch}, {served.preprocess.image_size} px",
+                        np.array(rest_ms), np.array(local_ms), batch * rounds / rest_batch,
                         batch * rounds / local_batch)
 
 
@@ -233,19 +236,29 @@ class ConcurrentLoad:
         return self.requests / self.seconds
 
 
-def bench_concurrency(image: Path, url: str, clients: int, requests: int) -> ConcurrentLoad:
-    """`clients` threads each posting one-image requests until `requests` are answered."""
+def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bool = False
+                      ) -> ConcurrentLoad:
+    """`clients` threads each posting one-image requests until `requests` are answered
+    (`v2`: MLServer's V2 inference protocol, whose requests its adaptive batching merges)."""
     import base64
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    body = json.dumps({"inputs": {"image": [base64.b64encode(image.read_bytes()).decode()]}}
-                      ).encode()
+    from skinml.serving import MLSERVER_MODEL_NAME
+
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    if v2:
+        path = f"v2/models/{MLSERVER_MODEL_NAME}/infer"
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"content_type": "str"},
+                                       "data": [encoded]}]}).encode()
+    else:
+        path, body = "invocations", json.dumps({"inputs": {"image": [encoded]}}).encode()
 
     def one(_: int) -> tuple[float, bool]:
         started = time.perf_counter()
         try:
-            _invoke(url, body)
+            _invoke(url, body, path)
             ok = True
         except (urllib.error.URLError, ConnectionError, TimeoutError):  # HTTPError included
             ok = False
@@ -260,11 +273,11 @@ def bench_concurrency(image: Path, url: str, clients: int, requests: int) -> Con
                           sum(not ok for _, ok in results))
 
 
-def _invoke(url: str, body: bytes) -> None:
+def _invoke(url: str, body: bytes, path: str = "invocations") -> None:
     """POST a JSON body to the server's /invocations; HTTPError unless it answers 2xx."""
     from skinml.serving import DIRECT
 
-    request = urllib.request.Request(f"{url}/invocations", data=body,
+    request = urllib.request.Request(f"{url}/{path}", data=body,
                                      headers={"Content-Type": "application/json"})
     with DIRECT.open(request, timeout=120) as reply:
         reply.read()

@@ -94,6 +94,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         if tuple(meta["classes"]) != CLASSES:
             raise MlflowException(f"model classes {meta['classes']} differ from {CLASSES}")
         self.preprocess = Preprocess.from_meta(meta)
+        self.arch = meta["arch"]
         config = ModelConfig(arch=meta["arch"], pretrained=False,
                              image_size=self.preprocess.image_size,
                              crop_pct=self.preprocess.crop_pct, drop_rate=meta["drop_rate"])
@@ -174,9 +175,10 @@ class RequestLimits:
 
     @classmethod
     def from_environment(cls) -> RequestLimits:
-        """SKINML_SERVE_MAX_ROWS (256) and SKINML_SERVE_MAX_REQUEST_MB (64)."""
-        return cls(max_rows=max(1, int(os.environ.get(MAX_ROWS_ENV, MAX_ROWS))),
-                   max_mb=float(os.environ.get(MAX_REQUEST_MB_ENV, MAX_REQUEST_MB)))
+        """SKINML_SERVE_MAX_ROWS (256) and SKINML_SERVE_MAX_REQUEST_MB (64); 0: no limit."""
+        rows = int(os.environ.get(MAX_ROWS_ENV, MAX_ROWS))
+        mb = float(os.environ.get(MAX_REQUEST_MB_ENV, MAX_REQUEST_MB))
+        return cls(max_rows=rows if rows > 0 else 10**12, max_mb=mb if mb > 0 else math.inf)
 
     def check(self, images: list[Any]) -> None:
         if len(images) > self.max_rows:
@@ -206,9 +208,11 @@ class RequestLimits:
 def probability_table(probs: np.ndarray) -> pd.DataFrame:
     """The served output: label, diagnosis, confidence and p_<class> for each row."""
     best = probs.argmax(1)
+    # Plain object columns, not pandas 3's Arrow strings: cheaper per request, and the
+    # dtype MLServer's V2 codec knows how to send.
     return pd.DataFrame({
-        "label": [CLASSES[i] for i in best],
-        "diagnosis": [DIAGNOSES[CLASSES[i]] for i in best],
+        "label": pd.Series([CLASSES[i] for i in best], dtype=object),
+        "diagnosis": pd.Series([DIAGNOSES[CLASSES[i]] for i in best], dtype=object),
         "confidence": probs[np.arange(len(probs)), best],
         **{column: probs[:, i] for i, column in enumerate(PROBABILITY_COLUMNS)},
     })

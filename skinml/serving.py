@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from skinml.errors import SkinmlError, first_line
+from skinml.files import write_atomically
 
 # Local servers are reached directly: an http_proxy in the environment (or one urllib cached
 # when it first opened a URL) must not swallow requests to 127.0.0.1.
@@ -62,12 +67,75 @@ def serve_command(model_uri: str, host: str, port: int, timeout: int | None = No
     return command + (["-t", str(timeout)] if timeout else [])
 
 
+MLSERVER_MODEL_NAME = "skin-lesion-classifier"  # V2 path: /v2/models/<this>/infer
+
+
+def mlserver_folder(model_uri: str, folder: Path, host: str, port: int, max_batch: int,
+                    max_wait_ms: float) -> Path:
+    """A folder `mlserver start` serves: the model downloaded with MLServer's settings.
+
+    What `mlflow models serve --enable-mlserver` did before MLflow 3 dropped it: the
+    `mlserver_mlflow.MLflowRuntime` with MLServer's adaptive batching (V2 requests that
+    arrive within `max_wait_ms` are run as one `predict` of up to `max_batch` rows).
+    """
+    import mlflow
+
+    try:
+        import mlserver_mlflow  # noqa: F401
+    except ImportError:
+        raise SkinmlError("--mlserver needs MLServer: pip install 'skinml[mlserver]'") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
+    try:  # the model folder appears whole, settings included, or not at all
+        mlflow.artifacts.download_artifacts(model_uri, dst_path=str(staging))
+        (staging / "model-settings.json").write_text(json.dumps({
+            "name": MLSERVER_MODEL_NAME,
+            "implementation": "mlserver_mlflow.MLflowRuntime",
+            "max_batch_size": max_batch,
+            "max_batch_time": max_wait_ms / 1000,
+            "parameters": {"uri": "./"},
+        }, indent=2))
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        staging.rename(folder / "model")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_atomically(folder / "settings.json", json.dumps({
+        "host": host, "http_port": port, "grpc_port": free_port(),
+        "metrics_endpoint": None,  # no third port; MLServer's /metrics stays off
+        "parallel_workers": 0,  # inference in the server process (measured faster on 2 cores)
+    }, indent=2))
+    return folder
+
+
+def mlserver_command(model_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """`mlserver start` of the model's folder (prepared here), and its environment.
+
+    MLServer merges requests before the model sees them, so the model's per-request limits
+    would judge a whole merged batch: they are off there (a proxy's body limit belongs in
+    front). Batching follows SKINML_SERVE_MAX_BATCH and SKINML_SERVE_MAX_WAIT_MS.
+    """
+    from skinml.batching import batch_settings
+    from skinml.data.cache import cache_root
+    from skinml.packaging import MAX_REQUEST_MB_ENV, MAX_ROWS_ENV
+
+    max_batch, max_wait = batch_settings()
+    folder = cache_root() / "mlserver" / hashlib.sha256(model_uri.encode()).hexdigest()[:16]
+    mlserver_folder(model_uri, folder, host, port, max_batch, max_wait * 1000)
+    command = [sys.executable, "-c", "import sys; from mlserver.cli import main; sys.exit(main())",
+               "start", str(folder)]
+    return command, {**os.environ, MAX_ROWS_ENV: "0", MAX_REQUEST_MB_ENV: "0"}
+
+
 def start_server(model_uri: str, port: int, log_path: Path | None = None,
-                 timeout: int | None = None) -> subprocess.Popen:
-    """`mlflow models serve` on 127.0.0.1:port in its own process group."""
+                 timeout: int | None = None, mlserver: bool = False) -> subprocess.Popen:
+    """`mlflow models serve` (or MLServer) on 127.0.0.1:port in its own process group."""
     output = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(serve_command(model_uri, "127.0.0.1", port, timeout),
-                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    if mlserver:
+        command, env = mlserver_command(model_uri, "127.0.0.1", port)
+    else:
+        command, env = serve_command(model_uri, "127.0.0.1", port, timeout), None
+    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
@@ -88,10 +156,11 @@ def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> 
 
 
 @contextlib.contextmanager
-def running_server(model_uri: str) -> Iterator[str]:
-    """`mlflow models serve` of `model_uri` on a free 127.0.0.1 port; yields its URL."""
+def running_server(model_uri: str, mlserver: bool = False) -> Iterator[str]:
+    """`mlflow models serve` (or MLServer) of `model_uri` on a free 127.0.0.1 port; yields
+    its URL."""
     port = free_port()
-    process = start_server(model_uri, port)
+    process = start_server(model_uri, port, mlserver=mlserver)
     try:
         wait_ready(process, port)
         yield f"http://127.0.0.1:{port}"
