@@ -64,6 +64,17 @@ def test_clients_reach_mlflow_and_postgres_by_service_name_and_port():
     assert SERVICES["serve"]["ports"] == ["${SERVE_PORT}:5001"]
 
 
+def test_mlserver_profile_serves_the_champion_with_the_mlserver_extra():
+    service = SERVICES["serve-mlserver"]
+    assert service["profiles"] == ["mlserver"]
+    assert service["command"][:3] == ["serve", "models:/skin-lesion-classifier@champion",
+                                      "--mlserver"]
+    assert service["ports"] == ["${SERVE_PORT}:5001"]
+    assert service["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert {"SKINML_SERVE_MAX_BATCH", "SKINML_SERVE_MAX_WAIT_MS"} <= set(service["environment"])
+    assert 'pip install ".[mlserver]"' in DOCKERFILE
+
+
 def test_tuners_reserve_a_gpu_and_read_data_read_only():
     devices = SERVICES["tuner"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
@@ -80,7 +91,7 @@ def test_image_is_non_root_with_skinml_entrypoint_and_no_secrets():
 def test_image_installs_the_projects_own_dependencies():
     # `pip install .` of the copied pyproject.toml: the image gets exactly its dependencies.
     assert "COPY --chown=skinml:skinml pyproject.toml" in DOCKERFILE
-    assert re.search(r"^RUN pip install \. ", DOCKERFILE, re.M)
+    assert re.search(r'^RUN pip install "\.\[mlserver\]" ', DOCKERFILE, re.M)
     base = re.search(r"ARG BASE_IMAGE=pytorch/pytorch:(\d+\.\d+\.\d+)-cuda", DOCKERFILE)
     torch_range = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())
                        ["project"]["dependencies"] if d.startswith("torch>="))
