@@ -208,6 +208,43 @@ def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
 
 @main.command()
 @click.option("--config", "config_path", default="demo", show_default=True,
+              help="YAML run configuration, or a shipped one by name (demo, ham10000).")
+@click.option("--folds", default="5", show_default=True, callback=_blank_is_none,
+              metavar="INT", help="Number of lesion-grouped folds (at least 2).")
+@click.option("--data-dir", callback=_blank_is_none, metavar="DIR",
+              help="HAM10000 folder (data.dir).")
+@click.option("--seed", callback=_blank_is_none, metavar="INT", help="runtime.seed")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (repeatable).")
+@click.option("--overrides", callback=_blank_is_none,
+              help="Space-separated KEY=VALUE overrides (for MLproject).")
+@click.option("--resume", "resume_run_id", callback=_blank_is_none, metavar="RUN_ID",
+              help="Continue a killed cross-validation: its finished folds are kept.")
+def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: str | None,
+       resume_run_id: str | None, **shortcuts: str | None) -> None:
+    """Cross-validate: one training run per lesion-grouped fold, out-of-fold metrics, and
+    the fold ensemble logged as the parent run's model."""
+    from skinml.config import load_config
+    from skinml.cv import cross_validate
+
+    try:
+        fold_count = int(folds or "5")
+    except ValueError:
+        raise click.BadParameter(f"{folds!r} is not a whole number", param_hint="--folds") from None
+    if fold_count < 2:
+        raise click.BadParameter("needs at least 2 folds", param_hint="--folds")
+    items = _shortcut_overrides(shortcuts) + (overrides or "").split() + list(sets)
+    result = cross_validate(load_config(config_path, items), fold_count, resume_run_id)
+    oof, test = result.oof, result.test
+    click.echo(f"run {result.run_id}: {len(result.fold_run_ids)} folds, out-of-fold balanced "
+               f"accuracy {oof['balanced_accuracy']:.4f} (95 % CI "
+               f"{oof.get('balanced_accuracy_ci_low', float('nan')):.2f}-"
+               f"{oof.get('balanced_accuracy_ci_high', float('nan')):.2f}), fold ensemble test "
+               f"balanced accuracy {test['balanced_accuracy']:.4f}; model {result.model_uri}")
+
+
+@main.command()
+@click.option("--config", "config_path", default="demo", show_default=True,
               help="Base config (a YAML path, or demo / ham10000); the space overrides it.")
 @click.option("--search-space", default="search_space", show_default=True,
               help="YAML search space, or search_space: the shipped experiments/search_space.yaml.")

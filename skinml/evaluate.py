@@ -62,8 +62,11 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     paths = images["path"].tolist()
     uncalibrated = predict_paths(model, paths, options.tta, calibrated=False)
     # Without TTA the served softmax(z / T) is exactly the temperature applied to softmax(z);
-    # with TTA it is a mean of tempered views, so only then is a second pass needed.
-    probs = predict_paths(model, paths, tta=True) if options.tta else None
+    # with TTA it is a mean of tempered views, and a fold ensemble a mean over folds with
+    # their own T, so only then is a second pass needed.
+    one_temperature = np.isfinite(served.temperature)
+    probs = (predict_paths(model, paths, tta=options.tta)
+             if options.tta or not one_temperature else None)
     attributes = subgroup_attributes(images) if "sex" in images else None
     scored = score_split(options.split, images["label"].to_numpy(), uncalibrated,
                          served.temperature, images["lesion_id"].to_numpy(), attributes,

@@ -77,8 +77,12 @@ def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 
             **preprocess.to_meta(), "temperature": float(temperature)}
 
 
-def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.save({"format": WEIGHTS_FORMAT, "meta": meta, "weights": weights}, path)
+def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any],
+                 members: list[dict[str, Any]] | None = None) -> None:
+    """One network's weights, or an ensemble's `members` ({"weights", "temperature"} each,
+    same architecture and preprocessing as `meta`)."""
+    payload = {"format": WEIGHTS_FORMAT, "meta": meta}
+    torch.save(payload | ({"members": members} if members else {"weights": weights}), path)
 
 
 def encode_image(image_bytes: bytes) -> str:
@@ -99,11 +103,20 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
                              image_size=self.preprocess.image_size,
                              crop_pct=self.preprocess.crop_pct, drop_rate=meta["drop_rate"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.network = build_model(config)
-        self.network.load_state_dict(payload["weights"])
-        self.network.to(self.device).eval()
+        # A single model, or a fold ensemble: the mean of each member's own calibrated
+        # probabilities (each fold was calibrated on its own validation fold).
+        members = payload.get("members") or [{"weights": payload["weights"],
+                                              "temperature": meta.get("temperature", 1.0)}]
+        self.networks = []
+        for member in members:
+            network = build_model(config)
+            network.load_state_dict(member["weights"])
+            self.networks.append(network.to(self.device).eval())
+        self.temperatures = [float(member["temperature"]) for member in members]
+        self.network = self.networks[0]  # what Grad-CAM explains (an ensemble's first fold)
+        # One temperature for one network; an ensemble has none that applies to its mean.
+        self.temperature = self.temperatures[0] if len(members) == 1 else math.nan
         self.transform = self.preprocess.eval_transform().to(self.device)
-        self.temperature = float(meta.get("temperature", 1.0))
         self.limits = RequestLimits.from_environment()
         # Concurrent requests (the scoring server's threads) share forward passes.
         self.coalesce = Coalescer.from_environment(self._forward)
@@ -111,7 +124,8 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
     def to(self, device: str | torch.device) -> SkinLesionModel:
         """Run on `device` from now on (loading picks CUDA when there is one)."""
         self.device = torch.device(device)
-        self.network.to(self.device)
+        for network in self.networks:
+            network.to(self.device)
         self.transform = self.transform.to(self.device)
         return self
 
@@ -130,9 +144,12 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         return self.transform(torch.from_numpy(pixels).to(self.device))
 
     def probabilities(self, inputs: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
-        """softmax(logits / T): the served probabilities (T = 1 when not `calibrated`)."""
-        temperature = self.temperature if calibrated else 1.0
-        return (self.network(inputs).float() / temperature).softmax(1)
+        """softmax(logits / T): the served probabilities (T = 1 when not `calibrated`);
+        for an ensemble the mean over its members, each with its own T."""
+        return torch.stack([
+            (network(inputs).float() / (temperature if calibrated else 1.0)).softmax(1)
+            for network, temperature in zip(self.networks, self.temperatures, strict=True)
+        ]).mean(0)
 
     def _batch_probabilities(self, encoded: list[Any], offset: int, tta: bool,
                              calibrated: bool) -> np.ndarray:
@@ -272,12 +289,13 @@ def example_jpeg(path: str, max_side: int = 96) -> bytes:
     return buffer.getvalue()
 
 
-def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: str
-              ) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc model named `model` to the active run (`example_image`: a file)."""
+def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: str,
+              members: list[dict[str, Any]] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model named `model` to the active run (`example_image`: a file);
+    `members` make it an ensemble (see `save_weights`)."""
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = Path(tmp) / "weights.pt"
-        save_weights(weights_path, weights, meta)
+        save_weights(weights_path, weights, meta, members)
         code = Path(tmp) / "skinml"
         shutil.copytree(Path(__file__).parent, code,
                         ignore=shutil.ignore_patterns("__pycache__", "sample", "*.pyc"))

@@ -103,7 +103,9 @@ def reliability_figure(labels: np.ndarray, uncalibrated: np.ndarray, calibrated:
     figure, (axes, counts) = plt.subplots(2, 1, figsize=(7, 8), layout="constrained",
                                           sharex=True, height_ratios=[3, 1])
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-    runs = (("before", uncalibrated, 0.25), (f"after (T = {temperature:.2f})", calibrated, 0.75))
+    after = (f"after (T = {temperature:.2f})" if np.isfinite(temperature)
+             else "after (each fold's own T)")
+    runs = (("before", uncalibrated, 0.25), (after, calibrated, 0.75))
     for name, probs, position in runs:  # position: where in its bin a count's bar stands
         table = reliability(labels, probs)
         ece = expected_calibration_error(labels, probs)
@@ -120,6 +122,28 @@ def reliability_figure(labels: np.ndarray, uncalibrated: np.ndarray, calibrated:
     axes.legend(loc="upper left")
     counts.set_xlabel("confidence (top-label probability)")
     counts.set_ylabel("images per bin")
+    return figure
+
+
+def fold_figure(fold_scores: np.ndarray, oof: dict[str, float], title: str) -> Figure:
+    """Each fold's validation balanced accuracy, their mean, and the OOF score with its CI."""
+    figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    folds = np.arange(1, len(fold_scores) + 1)
+    axes.bar(folds, fold_scores, color="tab:blue", alpha=0.7, label="fold validation")
+    axes.axhline(fold_scores.mean(), color="tab:blue", linestyle="--",
+                 label=f"mean of folds {fold_scores.mean():.3f}")
+    low, high = oof.get("balanced_accuracy_ci_low"), oof.get("balanced_accuracy_ci_high")
+    axes.axhline(oof["balanced_accuracy"], color="tab:red",
+                 label=f"out-of-fold {oof['balanced_accuracy']:.3f}")
+    if low is not None and high is not None:
+        axes.axhspan(low, high, color="tab:red", alpha=0.12,
+                     label=f"out-of-fold 95 % CI {low:.3f}-{high:.3f}")
+    axes.set_xticks(folds)
+    axes.set_xlabel("fold")
+    axes.set_ylabel("balanced accuracy")
+    axes.set_ylim(0, 1)
+    axes.legend(loc="lower right", fontsize="small")
+    axes.set_title(f"{title}\nvalidation balanced accuracy per fold")
     return figure
 
 
@@ -184,7 +208,8 @@ def metrics_markdown(scores: dict[str, float], split: str) -> str:
                   f"{scores['ece_uncalibrated']:.3f} / {scores['ece']:.3f}"),
                  ("negative log-likelihood, before / after",
                   f"{scores['nll_uncalibrated']:.3f} / {scores['nll']:.3f}"),
-                 ("temperature", f"{scores['temperature']:.3f}")]
+                 ("temperature", f"{scores['temperature']:.3f}"
+                  if np.isfinite(scores["temperature"]) else "each fold's own")]
     lines = [f"| {split} split | value (95 % CI, lesion bootstrap) |", "|---|---|"]
     return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 

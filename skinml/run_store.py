@@ -101,3 +101,11 @@ def source_run_id(model_uri: str) -> str:
         return client.get_model_version(model, version).run_id
     except (MlflowException, ValueError):
         raise SkinmlError(f"cannot find the run behind model {model_uri}") from None
+
+
+def logged_model_uri(run_id: str) -> str:
+    """The model a run logged (MLflow 3 keeps it outside the run's artifacts)."""
+    run = MlflowClient().get_run(run_id)
+    if not run.outputs.model_outputs:
+        raise SkinmlError(f"run {run_id} has no logged model")
+    return f"models:/{run.outputs.model_outputs[0].model_id}"

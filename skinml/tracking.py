@@ -97,17 +97,20 @@ class RunLog:
                   "train_images_per_second": result.train_images_per_second}
         mlflow.log_metrics(_finite(values), step=result.epoch)
 
-    def log_scored_split(self, scored: ScoredSplit) -> dict[str, float]:
-        """`<split>_*` metrics (with CIs and calibration), figures, reports, subgroups."""
+    def log_scored_split(self, scored: ScoredSplit, folder: str = "") -> dict[str, float]:
+        """`<split>_*` metrics (with CIs and calibration), figures, reports, subgroups;
+        the files go into `folder` when a run scores more than one split."""
         split, table = scored.split, scored.per_class
         per_class = {f"{split}_{metric}_{dx}": value for dx, row in table.iterrows()
                      for metric, value in row.items() if metric in ("recall", "auc")}
         mlflow.log_metrics(_finite({**{f"{split}_{k}": v for k, v in scored.scores.items()},
                                     **per_class}))
         title = f"{self.title}: {split} split ({len(scored.labels)} images)"
-        self.log_figures(reports.split_figures(scored, title))
+        prefix = f"{folder}/" if folder else ""
+        self.log_figures({prefix + name: figure
+                          for name, figure in reports.split_figures(scored, title).items()})
         for name, text in reports.split_tables(scored).items():
-            mlflow.log_text(text, name)
+            mlflow.log_text(text, prefix + name)
         return scored.scores
 
     def log_figures(self, figures: dict[str, Any]) -> None:
@@ -122,9 +125,10 @@ class RunLog:
         mlflow.log_metrics(_finite(values))
 
     def log_model(self, weights: dict[str, torch.Tensor], meta: dict[str, Any],
-                  example_image: str) -> str:
-        """The pyfunc model named `model`; `example_image` is a file for its input example."""
-        return packaging.log_model(weights, meta, example_image).model_uri
+                  example_image: str, members: list[dict[str, Any]] | None = None) -> str:
+        """The pyfunc model named `model`; `example_image` is a file for its input example;
+        `members` make it an ensemble."""
+        return packaging.log_model(weights, meta, example_image, members).model_uri
 
 
 @contextlib.contextmanager
@@ -154,6 +158,21 @@ def training_run(config: Config, run_name: str, resume_run_id: str | None = None
     """The run a training logs into (or the killed run it resumes)."""
     return _start_run(config.runtime.experiment, run_name, "training", tags, resume_run_id,
                       nested, system_metrics=_system_metrics())
+
+
+def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None = None
+           ) -> contextlib.AbstractContextManager[RunLog]:
+    """The parent run of a cross-validation (its folds' training runs nest under it)."""
+
+    @contextlib.contextmanager
+    def run() -> Iterator[RunLog]:
+        with _start_run(config.runtime.experiment, run_name, "cv", {"skinml.cv_folds": str(folds)},
+                        resume_run_id) as parent:
+            if "cv.folds" not in mlflow.get_run(parent.run_id).data.params:
+                mlflow.log_param("cv.folds", folds)
+            yield parent
+
+    return run()
 
 
 def _open_store() -> None:

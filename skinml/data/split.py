@@ -44,7 +44,41 @@ def split_by_lesion(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float =
             elif fold < n_test + n_val:
                 split[fold_rows] = "val"
     result = pd.Series(split, index=df.index, name="split")
-    return _give_each_split_a_lesion(df, result)
+    return _give_each_part_a_lesion(df, result, SPLITS, _MIN_LESIONS_EVERYWHERE)
+
+
+def assign_folds(df: pd.DataFrame, split: pd.Series, k: int, seed: int = 0) -> pd.Series:
+    """Cross-validation folds 0..k-1 for the rows outside the test split (test rows: -1).
+
+    The test split stays as `split_by_lesion` made it, so cross-validation never sees it;
+    the rest is cut by StratifiedGroupKFold on dx, grouped by lesion, and every class with
+    at least k lesions then gets a lesion in every fold.
+    """
+    if k < 2:
+        raise SplitError(f"cross-validation needs at least 2 folds, got {k}")
+    rest = df[split.to_numpy() != "test"]
+    if rest["lesion_id"].nunique() < k:
+        raise SplitError(f"cannot cut {rest['lesion_id'].nunique()} lesions outside the test "
+                         f"split into {k} folds")
+    if rest["dx"].value_counts().max() >= k:
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        folds = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    assigned = np.zeros(len(rest), dtype=int)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        for fold, (_, rows) in enumerate(folds.split(rest, rest["dx"], rest["lesion_id"])):
+            assigned[rows] = fold
+    repaired = _give_each_part_a_lesion(rest, pd.Series(assigned, index=rest.index),
+                                        tuple(range(k)), k)
+    return repaired.reindex(df.index, fill_value=-1).astype(int).rename("fold")
+
+
+def fold_split(split: pd.Series, folds: pd.Series, fold: int) -> pd.Series:
+    """The train/val/test split of one fold: `fold` validates, the other folds train."""
+    values = np.where(folds.to_numpy() == fold, "val", "train").astype(object)
+    values[split.to_numpy() == "test"] = "test"
+    return pd.Series(values, index=split.index, name="split")
 
 
 def assert_no_leakage(df: pd.DataFrame, split: pd.Series) -> None:
@@ -82,25 +116,28 @@ def _folds_for(val_frac: float, test_frac: float) -> tuple[int, int, int]:
     return n_folds, round(val_frac * n_folds), round(test_frac * n_folds)
 
 
-def _give_each_split_a_lesion(df: pd.DataFrame, split: pd.Series) -> pd.Series:
-    """Move whole lesions so each class with >= 3 lesions appears in train, val and test.
+def _give_each_part_a_lesion(df: pd.DataFrame, part: pd.Series, parts: tuple,
+                             min_lesions: int) -> pd.Series:
+    """Move whole lesions so each class with >= `min_lesions` lesions appears in every part
+    (the splits, or the folds).
 
-    The donor is the split holding most lesions of that class; the lesion moved is its
-    smallest (fewest images), so the image fractions barely change.
+    The donor is the part holding most lesions of that class (ties: the first of `parts`,
+    i.e. train); the lesion moved is its smallest (fewest images), so the image fractions
+    barely change.
     """
-    lesions = pd.DataFrame({"lesion_id": df["lesion_id"], "dx": df["dx"], "split": split})
+    lesions = pd.DataFrame({"lesion_id": df["lesion_id"], "dx": df["dx"], "part": part})
     table = (lesions.groupby("lesion_id", sort=True)
-             .agg(dx=("dx", "first"), split=("split", "first"), images=("dx", "size")))
+             .agg(dx=("dx", "first"), part=("part", "first"), images=("dx", "size")))
     for _, members in table.groupby("dx", sort=True):
-        if len(members) < _MIN_LESIONS_EVERYWHERE:
+        if len(members) < min_lesions:
             continue
-        for target in SPLITS:
-            counts = table.loc[members.index, "split"].value_counts()
+        for target in parts:
+            counts = table.loc[members.index, "part"].value_counts()
             if counts.get(target, 0):
                 continue
-            donor = max(SPLITS, key=lambda s: (counts.get(s, 0), s == "train"))
+            donor = max(parts, key=lambda p: (counts.get(p, 0), p == parts[0]))
             candidates = table.loc[members.index]
-            candidates = candidates[candidates["split"] == donor]
+            candidates = candidates[candidates["part"] == donor]
             moved = candidates.sort_values(["images"], kind="stable").index[0]
-            table.loc[moved, "split"] = target
-    return df["lesion_id"].map(table["split"]).rename("split")
+            table.loc[moved, "part"] = target
+    return df["lesion_id"].map(table["part"]).rename(part.name)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skinml.data import SPLITS, SplitError, assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.data.split import assign_folds, fold_split
 from skinml.labels import CLASSES
 
 from ..conftest import FULL_METADATA
@@ -83,6 +84,34 @@ def test_split_properties_hold_on_random_metadata(frame, seed):
         present = set(split[frame["dx"] == dx])
         assert present == set(SPLITS), (dx, present)
     assert split.equals(split_by_lesion(frame, seed=seed))
+
+
+@settings(max_examples=25, deadline=None)
+@given(frame=metadata(), seed=st.integers(0, 2**16), k=st.integers(2, 5))
+def test_fold_properties_hold_on_random_metadata(frame, seed, k):
+    split = split_by_lesion(frame, seed=seed)
+    folds = assign_folds(frame, split, k, seed=seed)
+    assert folds.index.equals(frame.index)
+    assert (folds[split == "test"] == -1).all()  # the test split is never a fold
+    assert set(folds[split != "test"]) == set(range(k))  # every other image in one fold
+    assert (folds.groupby(frame["lesion_id"]).nunique() == 1).all()  # lesion-disjoint
+    for fold in range(k):
+        assert_no_leakage(frame, fold_split(split, folds, fold))
+    rest = frame[split != "test"]
+    lesions = rest.groupby("dx")["lesion_id"].nunique()
+    for dx in lesions.index[lesions >= k]:
+        assert set(folds[rest.index[rest["dx"] == dx]]) == set(range(k)), dx
+    assert folds.equals(assign_folds(frame, split, k, seed=seed))
+
+
+def test_folds_need_two_and_enough_lesions():
+    frame = pd.DataFrame({"lesion_id": ["A", "B", "C"], "dx": ["nv"] * 3,
+                          "image_id": ["1", "2", "3"]})
+    split = pd.Series(["train", "val", "test"])
+    with pytest.raises(SplitError, match="at least 2 folds"):
+        assign_folds(frame, split, 1)
+    with pytest.raises(SplitError, match="cannot cut 2 lesions outside the test split into 3"):
+        assign_folds(frame, split, 3)
 
 
 def test_assert_no_leakage_names_the_leaking_lesion():

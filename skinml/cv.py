@@ -1,0 +1,188 @@
+"""Lesion-grouped K-fold cross-validation: one nested training run per fold; the parent run
+holds the out-of-fold (OOF) predictions, their metrics, and the fold ensemble as its model.
+
+The test split stays the one `split_by_lesion` makes: cross-validation cuts only the rest
+into folds, so the ensemble's test score is as honest as a single run's. OOF metrics read
+each fold's validation images, which also chose that fold's best epoch and temperature:
+they are slightly optimistic, the test split is the unbiased number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.tracking import MlflowClient
+
+from skinml import reports, tracking
+from skinml.calibration import apply_temperature
+from skinml.config import Config, ConfigError, build_config
+from skinml.data import assert_no_leakage
+from skinml.data.split import assign_folds, fold_split
+from skinml.labels import PROBABILITY_COLUMNS
+from skinml.packaging import load_model, model_meta, predict_paths
+from skinml.run_store import download_run_artifact, logged_model_uri, resumable
+from skinml.scoring import score_split, subgroup_attributes
+from skinml.train import PreparedData, RunHooks, prepare_data, train
+
+log = logging.getLogger(__name__)
+
+FOLD_TAG = "skinml.cv_fold"  # on each fold's run: its fold number (0-based)
+PARENT_TAG = "skinml.cv_parent"  # on each fold's run: the parent run id
+FOLDS_PARAM = "cv.folds"
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: int
+    run_id: str
+    val_balanced_accuracy: float
+    val_rows: np.ndarray  # positions in the prepared frame
+    val_probs: np.ndarray  # served (calibrated) probabilities
+    val_uncalibrated: np.ndarray
+    test_uncalibrated: np.ndarray
+    temperature: float
+    weights: dict
+
+
+@dataclass(frozen=True)
+class CVResult:
+    run_id: str
+    model_uri: str
+    fold_run_ids: list[str]
+    oof: dict[str, float]
+    test: dict[str, float]
+
+
+def cross_validate(config: Config, folds: int, resume_run_id: str | None = None) -> CVResult:
+    """Train one model per fold (nested runs), then log OOF metrics and the fold ensemble.
+
+    `resume_run_id` continues a killed cross-validation: folds whose run finished are kept
+    (their predictions are made again from their logged models), the others train anew.
+    """
+    if resume_run_id is not None:
+        resumable(resume_run_id)
+        config, folds = _config_of_parent(resume_run_id)
+    data = prepare_data(config)
+    assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed)
+    name = config.runtime.run_name or f"{config.model.arch}-cv{folds}-s{config.runtime.seed}"
+    with tracking.cv_run(config, name, folds, resume_run_id) as parent:
+        if resume_run_id is None:
+            parent.log_config(config)
+            parent.log_data(data.frame, data.split, data.source)
+        finished = _finished_folds(parent.run_id)
+        results = []
+        for fold in range(folds):
+            split = fold_split(data.split, assignment, fold)
+            assert_no_leakage(data.frame, split)
+            fold_data = dataclasses.replace(data, split=split)
+            run_id = finished.get(fold) or _train_fold(config, fold_data, fold, folds,
+                                                       parent.run_id, name)
+            results.append(_fold_result(fold, run_id, fold_data, config))
+        return _log_parent(parent, config, data, assignment, results)
+
+
+def _train_fold(config: Config, data: PreparedData, fold: int, folds: int, parent_id: str,
+                name: str) -> str:
+    log.info("fold %d of %d", fold + 1, folds)
+    runtime = dataclasses.replace(config.runtime, run_name=f"{name}-fold{fold + 1}")
+    hooks = RunHooks(nested=True, tags={FOLD_TAG: str(fold), PARENT_TAG: parent_id})
+    return train(dataclasses.replace(config, runtime=runtime), data=data, hooks=hooks).run_id
+
+
+def _fold_result(fold: int, run_id: str, data: PreparedData, config: Config) -> FoldResult:
+    """The fold model's predictions on its validation fold (OOF) and on the test split."""
+    model_uri = logged_model_uri(run_id)
+    model = load_model(model_uri)
+    served = model.unwrap_python_model()
+    rows = np.flatnonzero(data.split.to_numpy() == "val")
+    test_rows = np.flatnonzero(data.split.to_numpy() == "test")
+    paths = data.frame["path"].to_numpy()
+    val_uncalibrated = predict_paths(model, list(paths[rows]), calibrated=False)
+    test_uncalibrated = predict_paths(model, list(paths[test_rows]), calibrated=False)
+    run = MlflowClient().get_run(run_id)
+    return FoldResult(fold, run_id, run.data.metrics["best_val_balanced_accuracy"], rows,
+                      apply_temperature(val_uncalibrated, served.temperature), val_uncalibrated,
+                      test_uncalibrated, served.temperature,
+                      {k: v.cpu() for k, v in served.network.state_dict().items()})
+
+
+def _log_parent(parent: tracking.RunLog, config: Config, data: PreparedData,
+                assignment: pd.Series, results: list[FoldResult]) -> CVResult:
+    frame = data.frame
+    order = np.concatenate([r.val_rows for r in results])
+    oof_probs = np.concatenate([r.val_probs for r in results])
+    oof_uncalibrated = np.concatenate([r.val_uncalibrated for r in results])
+    rows = frame.iloc[order]
+    table = rows[["image_id", "lesion_id", "dx", "label"]].assign(
+        fold=assignment.iloc[order].to_numpy(),
+        run_id=np.concatenate([[r.run_id] * len(r.val_rows) for r in results]),
+        **dict(zip(PROBABILITY_COLUMNS, oof_probs.T, strict=True)))
+    parent.log_text(table.to_csv(index=False), "oof_predictions.csv")
+    runtime = config.runtime
+    oof = score_split("oof", rows["label"].to_numpy(), oof_uncalibrated, np.nan,
+                      rows["lesion_id"].to_numpy(), subgroup_attributes(rows),
+                      n_boot=runtime.bootstrap, seed=runtime.seed, served=oof_probs)
+    oof_scores = parent.log_scored_split(oof, folder="oof")
+
+    test_rows = frame[data.split.to_numpy() == "test"]
+    ensemble = np.mean([apply_temperature(r.test_uncalibrated, r.temperature)
+                        for r in results], axis=0)
+    test = score_split("test", test_rows["label"].to_numpy(),
+                       np.mean([r.test_uncalibrated for r in results], axis=0), np.nan,
+                       test_rows["lesion_id"].to_numpy(), subgroup_attributes(test_rows),
+                       n_boot=runtime.bootstrap, seed=runtime.seed, served=ensemble)
+    test_scores = parent.log_scored_split(test)
+
+    fold_scores = np.array([r.val_balanced_accuracy for r in results])
+    for result in results:
+        mlflow.log_metric("fold_val_balanced_accuracy", result.val_balanced_accuracy,
+                          step=result.fold + 1)
+    parent.log_summary({
+        # What `skinml register` and run comparisons read as the validation score.
+        "best_val_balanced_accuracy": oof_scores["balanced_accuracy"],
+        "fold_val_balanced_accuracy_mean": float(fold_scores.mean()),
+        "fold_val_balanced_accuracy_sd": float(fold_scores.std(ddof=1)),
+    })
+    parent.log_figures({"cv_folds.png": reports.fold_figure(fold_scores, oof_scores,
+                                                            parent.title)})
+    log.info("OOF balanced accuracy %.4f (%d images), fold ensemble test balanced accuracy "
+             "%.4f (%d images)", oof_scores["balanced_accuracy"], len(rows),
+             test_scores["balanced_accuracy"], len(test_rows))
+    members = [{"weights": r.weights, "temperature": r.temperature} for r in results]
+    frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
+    model_uri = parent.log_model({}, model_meta(config.model, frame_hw, np.nan),
+                                 test_rows["path"].iloc[0], members=members)
+    return CVResult(parent.run_id, model_uri, [r.run_id for r in results], oof_scores,
+                    test_scores)
+
+
+def _finished_folds(parent_id: str) -> dict[int, str]:
+    """Fold number -> run id of the folds that finished; runs of killed folds are marked
+    KILLED (a SIGKILLed run stays RUNNING) and their folds train again."""
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    finished = {}
+    for run in client.search_runs([parent.info.experiment_id],
+                                  f"tags.{PARENT_TAG} = '{parent_id}'"):
+        fold = int(run.data.tags[FOLD_TAG])
+        if run.info.status == "FINISHED" and run.outputs.model_outputs:
+            finished[fold] = run.info.run_id
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    return finished
+
+
+def _config_of_parent(run_id: str) -> tuple[Config, int]:
+    """The config and fold count a cross-validation run was started with."""
+    client = MlflowClient()
+    folds = client.get_run(run_id).data.params.get(FOLDS_PARAM)
+    if folds is None:
+        raise ConfigError(f"run {run_id} is not a skinml cross-validation run (no {FOLDS_PARAM})")
+    with open(download_run_artifact(run_id, "config.yaml")) as file:
+        return build_config(yaml.safe_load(file), source=f"run {run_id} config.yaml"), int(folds)
