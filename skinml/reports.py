@@ -147,6 +147,25 @@ def fold_figure(fold_scores: np.ndarray, oof: dict[str, float], title: str) -> F
     return figure
 
 
+def interval_figure(names: list[str], values: list[float], lows: list[float],
+                    highs: list[float], title: str, xlabel: str) -> Figure:
+    """Values with their 95 % CIs, best at the top: overlapping bars mean the ranking may be
+    noise."""
+    order = np.argsort(values)
+    figure, axes = plt.subplots(figsize=(8, max(3.0, 0.35 * len(values) + 1.5)),
+                                layout="constrained")
+    y = np.arange(len(values))
+    value = np.asarray(values)[order]
+    errors = [value - np.asarray(lows)[order], np.asarray(highs)[order] - value]
+    axes.errorbar(value, y, xerr=np.clip(errors, 0, None), fmt="o", capsize=3)
+    axes.set_yticks(y, [names[i] for i in order])
+    axes.set_xlabel(f"{xlabel} (95 % CI, lesion bootstrap)")
+    axes.set_xlim(0, 1)
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_title(title)
+    return figure
+
+
 def subgroup_figure(table, title: str) -> Figure:
     """Balanced accuracy per subgroup; groups under 30 images are hatched and marked, age
     bands in age order (all of them: a band without images says so)."""

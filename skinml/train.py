@@ -28,8 +28,8 @@ from skinml.distributed import (
     gather,
     init_cluster,
 )
-from skinml.engine import CheckpointFile, EpochResult, fit, predict_split
-from skinml.metrics import compute_metrics
+from skinml.engine import CheckpointFile, EpochResult, Predictions, fit, predict_split
+from skinml.metrics import balanced_accuracy, bootstrap_ci, compute_metrics
 from skinml.model import build_model
 from skinml.packaging import model_meta
 from skinml.recipe import TrainSettings
@@ -193,9 +193,21 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunL
     log.info("test balanced accuracy %.4f (%d images), temperature %.2f",
              test["balanced_accuracy"], len(output.labels), temperature)
     run.log_summary({"best_epoch": outcome.best_epoch,
-                     "best_val_balanced_accuracy": outcome.best_score})
+                     "best_val_balanced_accuracy": outcome.best_score,
+                     **_val_interval(val, data, config)})
     model_uri = _log_model(run, model, data, config, temperature)
     return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+
+
+def _val_interval(val: Predictions, data: PreparedData, config: Config) -> dict[str, float]:
+    """Lesion-bootstrap 95 % CI of the best epoch's validation balanced accuracy: how much
+    the number that selection reads (epochs, trials, runs) can be trusted."""
+    if not config.runtime.bootstrap:
+        return {}
+    lesions = data.frame.loc[data.split == "val", "lesion_id"].to_numpy()
+    low, high = bootstrap_ci(val.labels, val.probs, lesions, balanced_accuracy,
+                             n_boot=config.runtime.bootstrap, seed=config.runtime.seed)
+    return {"best_val_balanced_accuracy_ci_low": low, "best_val_balanced_accuracy_ci_high": high}
 
 
 def _log_model(run: RunLog, model: torch.nn.Module, data: PreparedData,

@@ -21,7 +21,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from skinml import tracking
+from skinml import reports, tracking
 from skinml.config import Config, load_config, shipped_or_path
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
@@ -260,9 +260,13 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
     best = _best_trial(study)
+    figures = _figures(study)
+    intervals = _trial_intervals(study)
+    if intervals is not None:
+        figures["trial_intervals.png"] = reports.interval_figure(
+            *intervals, title=f"study {study.study_name}: COMPLETE trials", xlabel=OBJECTIVE)
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
-                               counts, _figures(study),
-                               str(shipped_or_path(options.search_space)))
+                               counts, figures, str(shipped_or_path(options.search_space)))
     registration = None
     if best is not None and options.register_best:
         from skinml.registry import GateOptions, register_run
@@ -273,6 +277,26 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
                       best.params if best else {},
                       best.user_attrs.get(RUN_ID_ATTR) if best else None, counts,
                       registration)
+
+
+def _trial_intervals(study: optuna.Study) -> tuple[list[str], list[float], list[float],
+                                                    list[float]] | None:
+    """Each COMPLETE trial's value with the 95 % CI its run logged (None without any)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        metrics = client.get_run(run_id).data.metrics if run_id else {}
+        low = metrics.get("best_val_balanced_accuracy_ci_low")
+        high = metrics.get("best_val_balanced_accuracy_ci_high")
+        if low is not None and high is not None:
+            rows.append((f"trial {trial.number}", trial.value, low, high))
+    if not rows:
+        return None
+    names, values, lows, highs = zip(*rows, strict=True)
+    return list(names), list(values), list(lows), list(highs)
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -51,3 +51,13 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
     assert _bench_config(None, None, ()).model.arch == expected
     result = CliRunner().invoke(main, ["bench", "serve", "--concurrency", "4,x"])
     assert result.exit_code == 2 and "'4,x' is not a list of numbers" in result.output
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["cv", "--folds", "1"], "needs at least 2 folds"),
+    (["cv", "--folds", "x"], "'x' is not a whole number"),
+    (["serve", "--mlserver", "--timeout", "5"], "MLServer has no request timeout"),
+])
+def test_option_mistakes_of_cv_and_serve_are_exit_2_before_any_work(args, reason):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and reason in result.output

@@ -64,6 +64,9 @@ def test_train_logs_a_complete_run(tracking, small_folder):
     m = run.data.metrics
     assert m["test_balanced_accuracy_ci_low"] <= m["test_balanced_accuracy"] <= \
         m["test_balanced_accuracy_ci_high"]
+    # what selection reads carries its interval too
+    assert m["best_val_balanced_accuracy_ci_low"] <= m["best_val_balanced_accuracy"] <= \
+        m["best_val_balanced_accuracy_ci_high"]
     assert run.data.params["balance.strategy"] == "sampler"
     assert run.data.params["model.image_size"] == "32"
     assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == [

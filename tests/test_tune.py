@@ -70,7 +70,11 @@ def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, sy
         assert "test_balanced_accuracy" in child.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "parallel_coordinate.png", "intermediate_values.png",
-            "param_importances.png", "best_params.json"} <= artifacts
+            "param_importances.png", "best_params.json", "trial_intervals.png"} <= artifacts
+    for child in children:  # every trial's value carries its lesion-bootstrap interval
+        m = child.data.metrics
+        assert m["best_val_balanced_accuracy_ci_low"] <= m["best_val_balanced_accuracy"] <= \
+            m["best_val_balanced_accuracy_ci_high"]
     finished = mlflow.get_run(parent.info.run_id)
     assert finished.data.metrics["best_val_balanced_accuracy"] == pytest.approx(
         study.best_value)
