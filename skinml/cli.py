@@ -250,18 +250,25 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
               help="YAML search space, or search_space: the shipped experiments/search_space.yaml.")
 @click.option("--n-trials", default=20, show_default=True, type=click.IntRange(min=1),
               help="COMPLETE trials of the study in total, over all workers and resumes.")
+@click.option("--max-trials", callback=_blank_is_none, metavar="INT",
+              help="Trials of any state (pruned too) in total [default: 5 x --n-trials].")
 @click.option("--timeout", callback=_blank_is_none, help="Seconds this worker may run.")
 @click.option("--study-name", default="skin-lesion-tuning", show_default=True)
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True,
               help="Optuna storage URL, e.g. postgresql://user@host/db for many workers.")
 @click.option("--sampler", default="tpe", show_default=True,
               type=click.Choice(["tpe", "random"]))
-@click.option("--pruner", default="median", show_default=True,
-              type=click.Choice(["median", "hyperband", "none"]))
+@click.option("--pruner", default="patient", show_default=True,
+              type=click.Choice(["patient", "median", "hyperband", "none"]),
+              help="patient: median pruning only after --pruner-patience epochs without "
+                   "improvement.")
 @click.option("--pruner-startup-trials", default=3, show_default=True,
-              type=click.IntRange(min=0), help="median: trials before pruning starts.")
-@click.option("--pruner-warmup-epochs", default=2, show_default=True,
-              type=click.IntRange(min=0), help="median: epochs before a trial can be pruned.")
+              type=click.IntRange(min=0), help="patient/median: trials before pruning starts.")
+@click.option("--pruner-warmup-epochs", default=5, show_default=True,
+              type=click.IntRange(min=0),
+              help="patient/median: epochs before a trial can be pruned.")
+@click.option("--pruner-patience", default=3, show_default=True, type=click.IntRange(min=0),
+              help="patient: epochs without improvement before the median may prune.")
 @click.option("--register-best", is_flag=False, flag_value="true", default="false",
               type=click.BOOL, metavar="[true|false]",
               help="Register the best trial's model through the promotion gate (see `skinml "
@@ -276,9 +283,10 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
               help="Base config overrides (e.g. --set optim.epochs=5).")
 @click.option("--overrides", callback=_blank_is_none,
               help="Space-separated KEY=VALUE base overrides (for MLproject).")
-def tune(config_path: str, search_space: str, n_trials: int, timeout: str | None,
-         study_name: str, storage: str, sampler: str, pruner: str, pruner_startup_trials: int,
-         pruner_warmup_epochs: int, register_best: bool, gate_data: str | None, seed: int,
+def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | None,
+         timeout: str | None, study_name: str, storage: str, sampler: str, pruner: str,
+         pruner_startup_trials: int, pruner_warmup_epochs: int, pruner_patience: int,
+         register_best: bool, gate_data: str | None, seed: int,
          heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
          overrides: str | None) -> None:
     """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
@@ -290,10 +298,19 @@ def tune(config_path: str, search_space: str, n_trials: int, timeout: str | None
     except ValueError:
         raise click.BadParameter(f"{timeout!r} is not a number of seconds",
                                  param_hint="--timeout") from None
+    try:
+        bound = int(max_trials) if max_trials is not None else None
+    except ValueError:
+        raise click.BadParameter(f"{max_trials!r} is not a whole number",
+                                 param_hint="--max-trials") from None
+    if bound is not None and bound < n_trials:
+        raise click.BadParameter(f"{bound} is below --n-trials {n_trials}",
+                                 param_hint="--max-trials")
     result = run_study(TuneOptions(
-        config=config_path, search_space=search_space, n_trials=n_trials, timeout=seconds,
-        study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
+        config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
+        timeout=seconds, study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
         pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
+        pruner_patience=pruner_patience,
         register_best=register_best, gate_data=gate_data, seed=seed,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, overrides=tuple((overrides or "").split()) + sets))

@@ -245,6 +245,11 @@ def mark_trial(run_id: str, state: str) -> None:
         client.set_terminated(run_id, status="FAILED")
 
 
+def log_summary(values: dict[str, float]) -> None:
+    """Metrics on the active run (NaN left out)."""
+    mlflow.log_metrics(_finite(values))
+
+
 def log_study_summary(best_value: float | None, best_params: dict[str, Any],
                       counts: dict[str, int], figures: dict[str, Any],
                       search_space: str) -> None:

@@ -41,13 +41,15 @@ class TuneOptions:
     config: str | Path  # a path, or a shipped config's name (demo, ham10000)
     search_space: str | Path
     n_trials: int = 20
+    max_trials: int | None = None  # trials of any state in total; None: 5 x n_trials
     timeout: float | None = None
     study_name: str = "skin-lesion-tuning"
     storage: str = "sqlite:///optuna.db"
     sampler: str = "tpe"
-    pruner: str = "median"
+    pruner: str = "patient"
     pruner_startup_trials: int = 3
-    pruner_warmup_epochs: int = 2
+    pruner_warmup_epochs: int = 5
+    pruner_patience: int = 3
     register_best: bool = False
     gate_data: str | None = None  # the promotion gate's folder when registering the best
     seed: int = 0
@@ -73,6 +75,13 @@ SAMPLERS = {
 }
 
 PRUNERS = {
+    # The median of a validation split of ~100 images moves by several points from one
+    # epoch to the next: prune only after a warm-up, and only a trial that is below the
+    # median and has not improved for `pruner_patience` epochs.
+    "patient": lambda o: optuna.pruners.PatientPruner(
+        optuna.pruners.MedianPruner(n_startup_trials=o.pruner_startup_trials,
+                                    n_warmup_steps=o.pruner_warmup_epochs),
+        patience=o.pruner_patience),
     "median": lambda o: optuna.pruners.MedianPruner(n_startup_trials=o.pruner_startup_trials,
                                                     n_warmup_steps=o.pruner_warmup_epochs),
     "hyperband": lambda o: optuna.pruners.HyperbandPruner(min_resource=1),
@@ -130,6 +139,12 @@ def sampler_seed(seed: int, study: optuna.Study) -> int:
     return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
 
 
+def max_trials(options: TuneOptions) -> int:
+    """The bound on trials of any state: pruned trials count, so a study whose trials are
+    all pruned still ends."""
+    return options.max_trials or 5 * options.n_trials
+
+
 def tune(options: TuneOptions) -> TuneResult:
     base = load_config(options.config, list(options.overrides))
     space = load_search_space(options.search_space)
@@ -146,6 +161,7 @@ def tune(options: TuneOptions) -> TuneResult:
                            gc_after_trial=True, catch=(SkinmlError,),
                            callbacks=[optuna.study.MaxTrialsCallback(
                                options.n_trials, states=(TrialState.COMPLETE,)),
+                               optuna.study.MaxTrialsCallback(max_trials(options), states=None),
                                objective.wait_for_room])
         result = _summarise(study, options, parent)
     return result
@@ -259,6 +275,7 @@ def _reporter(trial: optuna.Trial, config: Config):
 def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneResult:
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
+    tracking.log_summary({"pruned_epochs_saved": _pruned_epochs_saved(study, options)})
     best = _best_trial(study)
     figures = _figures(study)
     intervals = _trial_intervals(study)
@@ -277,6 +294,18 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
                       best.params if best else {},
                       best.user_attrs.get(RUN_ID_ATTR) if best else None, counts,
                       registration)
+
+
+def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions) -> int:
+    """Epochs the PRUNED trials did not run, against the epochs each was given."""
+    budget = load_config(options.config, list(options.overrides)).optim.epochs
+    saved = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if trial.user_attrs.get("skinml.surplus"):
+            continue  # never started: it waited for a slot the study no longer needed
+        epochs = int(trial.params.get("optim.epochs", budget))
+        saved += max(0, epochs - max(trial.intermediate_values, default=0))
+    return saved
 
 
 def _trial_intervals(study: optuna.Study) -> tuple[list[str], list[float], list[float],
@@ -440,7 +469,8 @@ def _complete(study: optuna.Study) -> int:
 
 
 def _logged_options(options: TuneOptions) -> dict[str, Any]:
-    return {"n_trials": options.n_trials, "timeout": options.timeout,
+    return {"n_trials": options.n_trials, "max_trials": max_trials(options),
+            "timeout": options.timeout,
             "sampler": options.sampler, "pruner": options.pruner, "seed": options.seed,
             "search_space": str(options.search_space), "config": str(options.config)}
 

@@ -252,3 +252,24 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
     missing = skinml("register", "--study", "nope", "--storage", storage, cwd=tmp_path,
                      env={"MLFLOW_TRACKING_URI": tracking})
     assert missing.returncode == 2 and "cannot load study 'nope'" in missing.stderr
+
+
+def test_a_study_whose_trials_are_all_pruned_stops_at_max_trials(tracking, tmp_path,
+                                                                 synthetic, monkeypatch):
+    import skinml.tune
+
+    def always_prune(trial, config):
+        def report(result):
+            trial.report(result.val["balanced_accuracy"], result.epoch)
+            raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+        return report
+
+    monkeypatch.setattr(skinml.tune, "_reporter", always_prune)
+    result = tune(options(tmp_path, synthetic, n_trials=2, max_trials=3, study_name="pruned"))
+    assert result.counts == {"COMPLETE": 0, "PRUNED": 3, "FAIL": 0}
+    (parent,), children = runs_of("pruned")
+    assert len(children) == 3 and {c.info.status for c in children} == {"KILLED"}
+    metrics = mlflow.get_run(parent.info.run_id).data.metrics
+    assert metrics["trials_pruned"] == 3
+    assert metrics["pruned_epochs_saved"] == 3  # each stopped after epoch 1 of 2
+    assert mlflow.get_run(parent.info.run_id).data.params["tune.max_trials"] == "3"
