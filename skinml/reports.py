@@ -228,7 +228,7 @@ def metrics_markdown(scores: dict[str, float], split: str) -> str:
                  ("negative log-likelihood, before / after",
                   f"{scores['nll_uncalibrated']:.3f} / {scores['nll']:.3f}"),
                  ("temperature", f"{scores['temperature']:.3f}"
-                  if np.isfinite(scores["temperature"]) else "each fold's own")]
+                  if np.isfinite(scores.get("temperature", np.nan)) else "each fold's own")]
     lines = [f"| {split} split | value (95 % CI, lesion bootstrap) |", "|---|---|"]
     return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
 

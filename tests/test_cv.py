@@ -24,6 +24,7 @@ from skinml.cv import FOLD_TAG, PARENT_TAG, cross_validate
 from skinml.labels import PROBABILITY_COLUMNS
 from skinml.metrics import balanced_accuracy, macro_auc
 from skinml.packaging import predict_paths
+from skinml.registry import card_file, register_run
 from skinml.run_store import logged_model_uri
 from skinml.serving import DIRECT, running_server
 
@@ -100,6 +101,15 @@ def test_served_ensemble_is_the_mean_of_the_fold_models(cv):
         with DIRECT.open(request, timeout=60) as reply:
             served = pd.DataFrame(json.loads(reply.read())["predictions"])
     np.testing.assert_allclose(served[list(PROBABILITY_COLUMNS)], fold_probs, atol=1e-6)
+
+
+def test_the_parent_registers_like_any_run_with_its_model_card(cv):
+    registration = register_run(cv["result"].run_id, name="cv-ensemble")
+    assert registration.champion  # the first version of a new name
+    card = Path(mlflow.artifacts.download_artifacts(
+        f"models:/cv-ensemble/{registration.version}/{card_file(registration.version)}")
+    ).read_text()
+    assert "each fold's own" in card
 
 
 def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
