@@ -319,6 +319,8 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
     if result.best_value is not None:
         click.echo(f"best val balanced accuracy {result.best_value:.4f} (run "
                    f"{result.best_run_id}): {result.best_params}")
+    if result.verdict:
+        click.echo(result.verdict)
     if result.registration:
         click.echo(result.registration)
 

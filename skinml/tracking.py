@@ -250,6 +250,15 @@ def log_summary(values: dict[str, float]) -> None:
     mlflow.log_metrics(_finite(values))
 
 
+def log_verdict(line: str, delta, detail: str) -> None:
+    """On the active parent run: the study's verdict as a tag, Δ metrics and verdict.txt."""
+    mlflow.set_tag("skinml.verdict", line)
+    mlflow.log_metrics({"verdict_delta_balanced_accuracy": delta.value,
+                        "verdict_delta_balanced_accuracy_ci_low": delta.low,
+                        "verdict_delta_balanced_accuracy_ci_high": delta.high})
+    mlflow.log_text(f"{line}\n{detail}\n", "verdict.txt")
+
+
 def log_study_summary(best_value: float | None, best_params: dict[str, Any],
                       counts: dict[str, int], figures: dict[str, Any],
                       search_space: str) -> None:

@@ -21,17 +21,20 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
-from skinml import reports, tracking
+from skinml import compare, reports, tracking
 from skinml.config import Config, load_config, shipped_or_path
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
 from skinml.retry import is_table_race, retry_table_race
+from skinml.run_store import logged_model_uri
 from skinml.search_space import Dimension, load_search_space
 from skinml.train import PreparedData, RunHooks, prepare_data, train
+from skinml.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
 RUN_ID_ATTR = "mlflow_run_id"
+BASELINE_ROLE = "baseline"  # the base config's run a study's verdict compares with
 _STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED",
                 TrialState.FAIL: "FAIL"}
 
@@ -67,6 +70,7 @@ class TuneResult:
     best_run_id: str | None
     counts: dict[str, int]
     registration: str | None
+    verdict: str | None = None  # the best trial against the base config (see verdict.py)
 
 
 SAMPLERS = {
@@ -163,7 +167,7 @@ def tune(options: TuneOptions) -> TuneResult:
                                options.n_trials, states=(TrialState.COMPLETE,)),
                                optuna.study.MaxTrialsCallback(max_trials(options), states=None),
                                objective.wait_for_room])
-        result = _summarise(study, options, parent)
+        result = _summarise(study, options, parent, base, data)
     return result
 
 
@@ -272,7 +276,8 @@ def _reporter(trial: optuna.Trial, config: Config):
     return report
 
 
-def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneResult:
+def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Config,
+               data: PreparedData) -> TuneResult:
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
     tracking.log_summary({"pruned_epochs_saved": _pruned_epochs_saved(study, options)})
@@ -284,6 +289,10 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
             *intervals, title=f"study {study.study_name}: COMPLETE trials", xlabel=OBJECTIVE)
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
                                counts, figures, str(shipped_or_path(options.search_space)))
+    verdict = _verdict(best, options, base, data) if best is not None else None
+    if verdict is not None:
+        log.info("%s", verdict.line())
+        tracking.log_verdict(verdict.line(), verdict.delta, verdict.comparison.line())
     registration = None
     if best is not None and options.register_best:
         from skinml.registry import GateOptions, register_run
@@ -293,7 +302,43 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str) -> TuneRe
     return TuneResult(options.study_name, parent, best.value if best else None,
                       best.params if best else {},
                       best.user_attrs.get(RUN_ID_ATTR) if best else None, counts,
-                      registration)
+                      registration, verdict.line() if verdict else None)
+
+
+def _verdict(best: optuna.trial.FrozenTrial, options: TuneOptions, base: Config,
+             data: PreparedData) -> Verdict | None:
+    """The best trial against the base config trained with the same budget and seed, on the
+    test split both share (reported, never used to choose)."""
+    baseline = _baseline_run(options, base, data)
+    best_run = best.user_attrs[RUN_ID_ATTR]
+    try:
+        image_set = compare.shared_split(best_run, baseline, "test")
+    except compare.NotSameSplit as exc:
+        log.warning("no verdict: %s", exc)
+        return None
+    judged = compare.compare_models(logged_model_uri(best_run), logged_model_uri(baseline),
+                                    image_set, seed=options.seed)
+    return Verdict(best.number, judged)
+
+
+def _baseline_run(options: TuneOptions, base: Config, data: PreparedData) -> str:
+    """The study's `baseline` run: trained once (the first worker to finish), then reused."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(base.runtime.experiment)
+    if experiment is not None:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            f"tags.`{tracking.ROLE_TAG}` = '{BASELINE_ROLE}' and "
+            f"tags.`optuna.study_name` = '{options.study_name}' and "
+            "attributes.status = 'FINISHED'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    name = f"{options.study_name}-baseline"
+    config = load_config(options.config, [*options.overrides, f"runtime.run_name={name}"])
+    tags = {tracking.ROLE_TAG: BASELINE_ROLE, "optuna.study_name": options.study_name}
+    return train(config, data=data, hooks=RunHooks(nested=True, tags=tags)).run_id
 
 
 def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions) -> int:

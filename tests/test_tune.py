@@ -79,6 +79,20 @@ def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, sy
     assert finished.data.metrics["best_val_balanced_accuracy"] == pytest.approx(
         study.best_value)
     assert finished.data.metrics["trials_complete"] == 4
+    # the verdict: the base config trained once more, compared on the shared test split
+    runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list",
+                              filter_string="tags.`skinml.role` = 'baseline'")
+    (baseline,) = [r for r in runs if r.data.tags["optuna.study_name"] == "study"]
+    assert baseline.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert baseline.info.status == "FINISHED"
+    verdict = finished.data.tags["skinml.verdict"]
+    assert verdict == result.verdict
+    assert verdict.startswith(f"best trial {study.best_trial.number} vs base config: "
+                              "Δ balanced accuracy ")
+    m = finished.data.metrics
+    assert m["verdict_delta_balanced_accuracy_ci_low"] <= m["verdict_delta_balanced_accuracy"] \
+        <= m["verdict_delta_balanced_accuracy_ci_high"]
+    assert "verdict.txt" in artifacts
 
 
 def test_pruned_trial_is_killed_not_finished_and_resume_continues(tracking, tmp_path,
