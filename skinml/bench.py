@@ -117,11 +117,13 @@ class TrainBench:
     warmup_seconds: float  # the first steps, torch.compile's compilation included
 
 
-def bench_train(config: Config, steps: int, data: PreparedData | None = None) -> TrainBench:
+def bench_train(config: Config, steps: int, data: PreparedData | None = None,
+                compile_backend: str = "inductor") -> TrainBench:
     """Training images/s from the cache vs from a batch already on the device.
 
-    One model serves both feeds (compiled once when `runtime.compile` is on), so the only
-    difference between the two figures is where the batches come from.
+    One model serves both feeds (compiled once when `runtime.compile` is on, with
+    `compile_backend`), so the only difference between the two figures is where the
+    batches come from.
     """
     data = data or prepare_data(config)
     device = resolve_device(config.runtime.device)
@@ -131,7 +133,7 @@ def bench_train(config: Config, steps: int, data: PreparedData | None = None) ->
     model = build_model(dataclasses.replace(config.model, pretrained=False))
     model.to(device, memory_format=settings.memory_format)
     tools = build_step_tools(model, train.labels, settings, device, steps)
-    runner = torch.compile(model) if settings.compile else model
+    runner = torch.compile(model, backend=compile_backend) if settings.compile else model
     started = time.perf_counter()
     train_one_epoch(runner, _take(_device_batches(train, config), 3), tools)
     synchronize(device)

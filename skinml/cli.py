@@ -274,6 +274,10 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
               help="Register the best trial's model through the promotion gate (see `skinml "
                    "register`); a bare --register-best means true.")
 @_GATE_DATA
+@click.option("--verdict", is_flag=False, flag_value="true", default="true", type=click.BOOL,
+              metavar="[true|false]", show_default=True,
+              help="End with the best trial against the base config (one more training run, "
+                   "compared on the shared test split).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampler seed.")
 @click.option("--heartbeat-interval", default=10, show_default=True, type=click.IntRange(min=1),
               help="Seconds between a running trial's heartbeats in the storage.")
@@ -286,7 +290,7 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
 def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | None,
          timeout: str | None, study_name: str, storage: str, sampler: str, pruner: str,
          pruner_startup_trials: int, pruner_warmup_epochs: int, pruner_patience: int,
-         register_best: bool, gate_data: str | None, seed: int,
+         register_best: bool, gate_data: str | None, verdict: bool, seed: int,
          heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
          overrides: str | None) -> None:
     """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
@@ -311,7 +315,7 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         timeout=seconds, study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
         pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
         pruner_patience=pruner_patience,
-        register_best=register_best, gate_data=gate_data, seed=seed,
+        register_best=register_best, gate_data=gate_data, verdict=verdict, seed=seed,
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period, overrides=tuple((overrides or "").split()) + sets))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())

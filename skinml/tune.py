@@ -54,6 +54,7 @@ class TuneOptions:
     pruner_warmup_epochs: int = 5
     pruner_patience: int = 3
     register_best: bool = False
+    verdict: bool = True  # train the base config once more and compare the best trial with it
     gate_data: str | None = None  # the promotion gate's folder when registering the best
     seed: int = 0
     heartbeat_interval: int = 10
@@ -289,7 +290,8 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
             *intervals, title=f"study {study.study_name}: COMPLETE trials", xlabel=OBJECTIVE)
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
                                counts, figures, str(shipped_or_path(options.search_space)))
-    verdict = _verdict(best, options, base, data) if best is not None else None
+    verdict = (_verdict(best, options, base, data)
+               if best is not None and options.verdict else None)
     if verdict is not None:
         log.info("%s", verdict.line())
         tracking.log_verdict(verdict.line(), verdict.delta, verdict.comparison.line())
@@ -515,6 +517,7 @@ def _complete(study: optuna.Study) -> int:
 
 def _logged_options(options: TuneOptions) -> dict[str, Any]:
     return {"n_trials": options.n_trials, "max_trials": max_trials(options),
+            "verdict": options.verdict,
             "timeout": options.timeout,
             "sampler": options.sampler, "pruner": options.pruner, "seed": options.seed,
             "search_space": str(options.search_space), "config": str(options.config)}

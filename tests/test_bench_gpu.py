@@ -38,6 +38,7 @@ def test_bench_gpu_on_the_cpu_runs_every_step(tmp_path):
     assert rows["loader: ours vs seed path"]["figure"] in done.stdout
     compiled = rows["train step: torch.compile"]["values"]
     assert compiled["compile"] == "True" and compiled["warmup_seconds"] > 0
+    assert compiled["compile_backend"] == "aot_eager"  # --quick on the CPU: no C++ codegen
     assert compiled["end_to_end_images_per_second"] > 0
     fp16 = rows["fp16 + GradScaler"]["values"]
     assert fp16["scale"] > 0 and np.isfinite([fp16["first_loss"], fp16["last_loss"]]).all()

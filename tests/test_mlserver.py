@@ -44,7 +44,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlserver")
     with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
         patch.setenv("SKINML_CACHE", str(root / "cache"))
-        result = train(load_config(DEMO, tiny(build_folder(root / "ham"))))
+        result = train(load_config(DEMO, tiny(build_folder(root / "ham"), "optim.epochs=1")))
         expected = mlflow.pyfunc.load_model(result.model_uri).predict(
             pd.DataFrame({"image": [encoded(p) for p in IMAGES]}))
     port = free_port()

@@ -97,6 +97,7 @@ def test_train_register_serve_and_tune_through_the_server(tracking_server, make_
 
     outcome = tune(TuneOptions(config=DEMO, search_space=REPO / "experiments" /
                                "search_space.yaml", n_trials=2, study_name="shared",
+                               verdict=False,
                                storage=tracking_server["optuna"], pruner="none",
                                overrides=tuple(tiny(folder, "optim.epochs=1"))))
     assert outcome.counts["COMPLETE"] == 2

@@ -33,7 +33,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 def options(tmp_path: Path, data: Path, **changes) -> TuneOptions:
     base = dict(config=DEMO, search_space=SPACE, n_trials=4, study_name="study",
-                storage=f"sqlite:///{tmp_path / 'optuna.db'}", pruner="none",
+                storage=f"sqlite:///{tmp_path / 'optuna.db'}", pruner="none", verdict=False,
                 overrides=tuple(tiny(data)))
     return TuneOptions(**{**base, **changes})
 
@@ -49,7 +49,7 @@ def runs_of(study_name: str) -> tuple[list, list]:
 
 
 def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, synthetic):
-    result = tune(options(tmp_path, synthetic))
+    result = tune(options(tmp_path, synthetic, verdict=True))
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -180,8 +180,10 @@ def worker(tmp_path: Path, data: Path, storage: str, tracking_uri: str, n_trials
     """A `skinml tune` process; one torch thread each, as two share this 2-core machine."""
     command = [sys.executable, "-m", "skinml", "tune", "--config", str(DEMO),
                "--search-space", str(SPACE), "--study-name", "shared", "--storage", storage,
-               "--n-trials", str(n_trials), "--pruner", "none", "--heartbeat-interval", "1",
-               "--grace-period", "4", *[f"--set={o}" for o in tiny(data)], *extra]
+               "--n-trials", str(n_trials), "--pruner", "none", "--verdict", "false",
+               "--heartbeat-interval", "1",
+               "--grace-period", "4", *[f"--set={o}" for o in tiny(data, "optim.epochs=1")],
+               *extra]
     return subprocess.Popen(command, cwd=tmp_path, stdout=open(tmp_path / log, "w"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
@@ -247,6 +249,7 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
     result = subprocess.run(
         ["mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
          "--experiment-name", "skin-lesion", "-P", "n_trials=2", "-P", "study_name=cli",
+         "-P", "verdict=false",
          "-P", f"storage={storage}", "-P", "register_best=true", "-P", "pruner=none",
          "-P", f"overrides={overrides}"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)

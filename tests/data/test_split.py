@@ -86,7 +86,7 @@ def test_split_properties_hold_on_random_metadata(frame, seed):
     assert split.equals(split_by_lesion(frame, seed=seed))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(frame=metadata(), seed=st.integers(0, 2**16), k=st.integers(2, 5))
 def test_fold_properties_hold_on_random_metadata(frame, seed, k):
     split = split_by_lesion(frame, seed=seed)
