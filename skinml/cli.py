@@ -162,12 +162,18 @@ _MIN_DELTA = click.option(
          "(challenger - champion, paired lesion bootstrap) is above this.")
 
 
+_DATA_DIR = click.option("--data-dir", callback=_blank_is_none, metavar="DIR",
+                         help="HAM10000 folder (data.dir).")
+_SEED = click.option("--seed", callback=_blank_is_none, metavar="INT", help="runtime.seed")
+_OVERRIDES = click.option("--overrides", callback=_blank_is_none,
+                          help="Space-separated KEY=VALUE overrides (for MLproject).")
+
+
 @main.command()
 @click.option("--config", "config_path", default="demo", show_default=True,
               help="YAML run configuration, or a shipped one by name: demo (the embedded "
                    "default, = experiments/demo.yaml) or ham10000 (full data, GPU).")
-@click.option("--data-dir", callback=_blank_is_none, metavar="DIR",
-              help="HAM10000 folder (data.dir).")
+@_DATA_DIR
 @click.option("--epochs", callback=_blank_is_none, metavar="INT", help="optim.epochs")
 @click.option("--image-size", callback=_blank_is_none, metavar="INT", help="model.image_size")
 @click.option("--batch-size", callback=_blank_is_none, metavar="INT", help="optim.batch_size")
@@ -177,11 +183,10 @@ _MIN_DELTA = click.option(
               help="balance.strategy")
 @click.option("--pretrained", callback=_blank_is_none, metavar="[true|false]",
               help="model.pretrained")
-@click.option("--seed", callback=_blank_is_none, metavar="INT", help="runtime.seed")
+@_SEED
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set balance.strategy=focal (repeatable).")
-@click.option("--overrides", callback=_blank_is_none,
-              help="Space-separated KEY=VALUE overrides (for MLproject).")
+@_OVERRIDES
 @click.option("--resume", "resume_run_id", callback=_blank_is_none, metavar="RUN_ID",
               help="Continue a killed run from its last checkpoint.")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
@@ -211,13 +216,11 @@ def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
               help="YAML run configuration, or a shipped one by name (demo, ham10000).")
 @click.option("--folds", default="5", show_default=True, callback=_blank_is_none,
               metavar="INT", help="Number of lesion-grouped folds (at least 2).")
-@click.option("--data-dir", callback=_blank_is_none, metavar="DIR",
-              help="HAM10000 folder (data.dir).")
-@click.option("--seed", callback=_blank_is_none, metavar="INT", help="runtime.seed")
+@_DATA_DIR
+@_SEED
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key (repeatable).")
-@click.option("--overrides", callback=_blank_is_none,
-              help="Space-separated KEY=VALUE overrides (for MLproject).")
+@_OVERRIDES
 @click.option("--resume", "resume_run_id", callback=_blank_is_none, metavar="RUN_ID",
               help="Continue a killed cross-validation: its finished folds are kept.")
 def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: str | None,

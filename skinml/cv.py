@@ -26,7 +26,7 @@ from skinml.data import assert_no_leakage
 from skinml.data.split import assign_folds, fold_split
 from skinml.labels import PROBABILITY_COLUMNS
 from skinml.packaging import load_model, model_meta, predict_paths
-from skinml.run_store import download_run_artifact, logged_model_uri, resumable
+from skinml.run_store import download_run_artifact, model_uri_of, resumable
 from skinml.scoring import score_split, subgroup_attributes
 from skinml.train import PreparedData, RunHooks, prepare_data, train
 
@@ -97,15 +97,14 @@ def _train_fold(config: Config, data: PreparedData, fold: int, folds: int, paren
 
 def _fold_result(fold: int, run_id: str, data: PreparedData, config: Config) -> FoldResult:
     """The fold model's predictions on its validation fold (OOF) and on the test split."""
-    model_uri = logged_model_uri(run_id)
-    model = load_model(model_uri)
+    run = MlflowClient().get_run(run_id)
+    model = load_model(model_uri_of(run))
     served = model.unwrap_python_model()
     rows = np.flatnonzero(data.split.to_numpy() == "val")
     test_rows = np.flatnonzero(data.split.to_numpy() == "test")
     paths = data.frame["path"].to_numpy()
     val_uncalibrated = predict_paths(model, list(paths[rows]), calibrated=False)
     test_uncalibrated = predict_paths(model, list(paths[test_rows]), calibrated=False)
-    run = MlflowClient().get_run(run_id)
     return FoldResult(fold, run_id, run.data.metrics["best_val_balanced_accuracy"], rows,
                       apply_temperature(val_uncalibrated, served.temperature), val_uncalibrated,
                       test_uncalibrated, served.temperature,

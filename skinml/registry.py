@@ -110,7 +110,8 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     run = _registrable_run(client, run_id)
     compared = champion(client, name)
     judged, note = _judge(run, compared, name, options)
-    version = str(mlflow.register_model(_model_uri(run), name, tags=_version_tags(run)).version)
+    model_uri = run_store.model_uri_of(run)
+    version = str(mlflow.register_model(model_uri, name, tags=_version_tags(run)).version)
     client.update_model_version(name, version, description=_description(run))
     client.set_registered_model_alias(name, CHALLENGER, version)
     compared, judged, note = _judged_against_current(client, name, run, compared, judged,
@@ -127,11 +128,6 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
                                 run.data.metrics[DEFAULT_METRIC], promoted, reason, judged)
     log.debug("%s", registration.summary())
     return registration
-
-
-def _model_uri(run: Run) -> str:
-    """The run's logged model (MLflow 3 keeps it outside the run's artifacts)."""
-    return f"models:/{run.outputs.model_outputs[0].model_id}"
 
 
 def _judged_against_current(client: MlflowClient, name: str, run: Run,
@@ -173,8 +169,9 @@ def _judge(run: Run, compared: ModelVersion | None, name: str, options: GateOpti
         if not options.force:
             raise
         return None, f"no gate ran: {exc}"
-    judged = compare.compare_models(_model_uri(run), f"models:/{name}/{compared.version}",
-                                    image_set, options.rounds, options.seed)
+    judged = compare.compare_models(run_store.model_uri_of(run),
+                                    f"models:/{name}/{compared.version}", image_set,
+                                    options.rounds, options.seed)
     return judged, ""
 
 

@@ -105,7 +105,11 @@ def source_run_id(model_uri: str) -> str:
 
 def logged_model_uri(run_id: str) -> str:
     """The model a run logged (MLflow 3 keeps it outside the run's artifacts)."""
-    run = MlflowClient().get_run(run_id)
+    return model_uri_of(MlflowClient().get_run(run_id))
+
+
+def model_uri_of(run: Run) -> str:
+    """`models:/m-…` of the model `run` logged."""
     if not run.outputs.model_outputs:
-        raise SkinmlError(f"run {run_id} has no logged model")
+        raise SkinmlError(f"run {run.info.run_id} has no logged model")
     return f"models:/{run.outputs.model_outputs[0].model_id}"

@@ -160,19 +160,15 @@ def training_run(config: Config, run_name: str, resume_run_id: str | None = None
                       nested, system_metrics=_system_metrics())
 
 
+@contextlib.contextmanager
 def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None = None
-           ) -> contextlib.AbstractContextManager[RunLog]:
+           ) -> Iterator[RunLog]:
     """The parent run of a cross-validation (its folds' training runs nest under it)."""
-
-    @contextlib.contextmanager
-    def run() -> Iterator[RunLog]:
-        with _start_run(config.runtime.experiment, run_name, "cv", {"skinml.cv_folds": str(folds)},
-                        resume_run_id) as parent:
-            if "cv.folds" not in mlflow.get_run(parent.run_id).data.params:
-                mlflow.log_param("cv.folds", folds)
-            yield parent
-
-    return run()
+    with _start_run(config.runtime.experiment, run_name, "cv", {"skinml.cv_folds": str(folds)},
+                    resume_run_id) as parent:
+        if "cv.folds" not in mlflow.get_run(parent.run_id).data.params:
+            mlflow.log_param("cv.folds", folds)
+        yield parent
 
 
 def _open_store() -> None:
@@ -245,11 +241,6 @@ def mark_trial(run_id: str, state: str) -> None:
         client.set_terminated(run_id, status="FAILED")
 
 
-def log_summary(values: dict[str, float]) -> None:
-    """Metrics on the active run (NaN left out)."""
-    mlflow.log_metrics(_finite(values))
-
-
 def log_verdict(line: str, delta, detail: str) -> None:
     """On the active parent run: the study's verdict as a tag, Δ metrics and verdict.txt."""
     mlflow.set_tag("skinml.verdict", line)
@@ -261,9 +252,11 @@ def log_verdict(line: str, delta, detail: str) -> None:
 
 def log_study_summary(best_value: float | None, best_params: dict[str, Any],
                       counts: dict[str, int], figures: dict[str, Any],
-                      search_space: str) -> None:
-    """On the active parent run: best value and params, trial counts, Optuna's figures."""
+                      search_space: str, pruned_epochs_saved: int) -> None:
+    """On the active parent run: best value and params, trial counts, epochs that pruning
+    saved, Optuna's figures."""
     values = {f"trials_{state.lower()}": n for state, n in counts.items()}
+    values["pruned_epochs_saved"] = pruned_epochs_saved
     if best_value is not None:
         values["best_val_balanced_accuracy"] = best_value
     mlflow.log_metrics(_finite(values))

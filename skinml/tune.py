@@ -281,7 +281,6 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
                data: PreparedData) -> TuneResult:
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
-    tracking.log_summary({"pruned_epochs_saved": _pruned_epochs_saved(study, options)})
     best = _best_trial(study)
     figures = _figures(study)
     intervals = _trial_intervals(study)
@@ -289,7 +288,8 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
         figures["trial_intervals.png"] = reports.interval_figure(
             *intervals, title=f"study {study.study_name}: COMPLETE trials", xlabel=OBJECTIVE)
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
-                               counts, figures, str(shipped_or_path(options.search_space)))
+                               counts, figures, str(shipped_or_path(options.search_space)),
+                               _pruned_epochs_saved(study, options))
     verdict = (_verdict(best, options, base, data)
                if best is not None and options.verdict else None)
     if verdict is not None:

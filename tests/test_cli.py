@@ -61,3 +61,13 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
 def test_option_mistakes_of_cv_and_serve_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and reason in result.output
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["tune", "--max-trials", "x"], "'x' is not a whole number"),
+    (["tune", "--n-trials", "4", "--max-trials", "3"], "3 is below --n-trials 4"),
+])
+def test_max_trials_mistakes_are_exit_2_before_any_study(args, reason, tmp_path):
+    result = CliRunner().invoke(main, [*args, "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
+    assert result.exit_code == 2 and reason in result.output
+    assert not (tmp_path / "o.db").exists()
