@@ -132,6 +132,19 @@ def _blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None
     return value if value not in ("", None) else None
 
 
+def _whole_number(value: str | None, hint: str, minimum: int = 1) -> int | None:
+    """An optional whole-number option that MLproject may pass blank (None: not given)."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint=hint) from None
+    if number < minimum:
+        raise click.BadParameter(f"must be at least {minimum}, got {number}", param_hint=hint)
+    return number
+
+
 # Shortcuts for the most overridden config keys; anything else goes through --set.
 _SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "model.image_size",
               "batch_size": "optim.batch_size", "lr": "optim.lr", "arch": "model.arch",
@@ -261,15 +274,22 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
               help="Optuna storage URL, e.g. postgresql://user@host/db for many workers.")
 @click.option("--sampler", default="tpe", show_default=True,
               type=click.Choice(["tpe", "random"]))
-@click.option("--pruner", default="patient", show_default=True,
-              type=click.Choice(["patient", "median", "hyperband", "none"]),
+@click.option("--objective", default="val", show_default=True, type=click.Choice(["val", "cv"]),
+              help="val: each trial's validation split; cv: the mean over --folds "
+                   "lesion-grouped folds (each trial a cross-validation, pruned per fold).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Folds of each trial with --objective cv.")
+@click.option("--pruner", callback=_blank_is_none,
+              type=click.Choice(["patient", "median", "hyperband", "none", ""]),
+              metavar="[patient|median|hyperband|none]",
               help="patient: median pruning only after --pruner-patience epochs without "
-                   "improvement.")
+                   "improvement; median: compare with the median at the same epoch (fold). "
+                   "[default: patient; median with --objective cv]")
 @click.option("--pruner-startup-trials", default=3, show_default=True,
               type=click.IntRange(min=0), help="patient/median: trials before pruning starts.")
-@click.option("--pruner-warmup-epochs", default=5, show_default=True,
-              type=click.IntRange(min=0),
-              help="patient/median: epochs before a trial can be pruned.")
+@click.option("--pruner-warmup-epochs", callback=_blank_is_none, metavar="INT",
+              help="patient/median: epochs (folds with --objective cv) before a trial can be "
+                   "pruned. [default: 5; 2 folds with --objective cv]")
 @click.option("--pruner-patience", default=3, show_default=True, type=click.IntRange(min=0),
               help="patient: epochs without improvement before the median may prune.")
 @click.option("--register-best", is_flag=False, flag_value="true", default="false",
@@ -291,8 +311,9 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
 @click.option("--overrides", callback=_blank_is_none,
               help="Space-separated KEY=VALUE base overrides (for MLproject).")
 def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | None,
-         timeout: str | None, study_name: str, storage: str, sampler: str, pruner: str,
-         pruner_startup_trials: int, pruner_warmup_epochs: int, pruner_patience: int,
+         timeout: str | None, study_name: str, storage: str, sampler: str, objective: str,
+         folds: int, pruner: str | None, pruner_startup_trials: int,
+         pruner_warmup_epochs: str | None, pruner_patience: int,
          register_best: bool, gate_data: str | None, verdict: bool, seed: int,
          heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
          overrides: str | None) -> None:
@@ -305,18 +326,16 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
     except ValueError:
         raise click.BadParameter(f"{timeout!r} is not a number of seconds",
                                  param_hint="--timeout") from None
-    try:
-        bound = int(max_trials) if max_trials is not None else None
-    except ValueError:
-        raise click.BadParameter(f"{max_trials!r} is not a whole number",
-                                 param_hint="--max-trials") from None
+    bound = _whole_number(max_trials, "--max-trials")
     if bound is not None and bound < n_trials:
         raise click.BadParameter(f"{bound} is below --n-trials {n_trials}",
                                  param_hint="--max-trials")
+    warmup = _whole_number(pruner_warmup_epochs, "--pruner-warmup-epochs", minimum=0)
     result = run_study(TuneOptions(
         config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
-        timeout=seconds, study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-        pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=pruner_warmup_epochs,
+        timeout=seconds, study_name=study_name, storage=storage, sampler=sampler,
+        objective=objective, folds=folds, pruner=pruner,
+        pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=warmup,
         pruner_patience=pruner_patience,
         register_best=register_best, gate_data=gate_data, verdict=verdict, seed=seed,
         heartbeat_interval=heartbeat_interval,
@@ -324,7 +343,8 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())
     click.echo(f"study {result.study_name}: {counts}; parent run {result.parent_run_id}")
     if result.best_value is not None:
-        click.echo(f"best val balanced accuracy {result.best_value:.4f} (run "
+        what = f"mean of {folds} folds' " if objective == "cv" else ""
+        click.echo(f"best {what}val balanced accuracy {result.best_value:.4f} (run "
                    f"{result.best_run_id}): {result.best_params}")
     if result.verdict:
         click.echo(result.verdict)

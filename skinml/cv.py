@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlflow
 import numpy as np
@@ -25,6 +26,7 @@ from skinml.config import Config, ConfigError, build_config
 from skinml.data import assert_no_leakage
 from skinml.data.split import assign_folds, fold_split
 from skinml.labels import PROBABILITY_COLUMNS
+from skinml.metrics import fold_mean_ci
 from skinml.packaging import load_model, model_meta, predict_paths
 from skinml.run_store import download_run_artifact, model_uri_of, resumable
 from skinml.scoring import score_split, subgroup_attributes
@@ -57,21 +59,40 @@ class CVResult:
     fold_run_ids: list[str]
     oof: dict[str, float]
     test: dict[str, float]
+    fold_mean: float  # mean of the folds' validation balanced accuracies
 
 
-def cross_validate(config: Config, folds: int, resume_run_id: str | None = None) -> CVResult:
+@dataclass(frozen=True)
+class CVHooks:
+    """How a cross-validation fits into something bigger (a tuning study's trial)."""
+
+    nested: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    on_run_start: Callable[[str], None] | None = None  # gets the parent run id
+    # After each fold: (folds done, running mean of their validation balanced accuracy).
+    on_fold_end: Callable[[int, float], None] | None = None
+
+
+def cross_validate(config: Config, folds: int, resume_run_id: str | None = None, *,
+                   data: PreparedData | None = None, hooks: CVHooks | None = None) -> CVResult:
     """Train one model per fold (nested runs), then log OOF metrics and the fold ensemble.
 
     `resume_run_id` continues a killed cross-validation: folds whose run finished are kept
     (their predictions are made again from their logged models), the others train anew.
+    `data` reuses a prepared data set (a study's trials share one).
     """
     if resume_run_id is not None:
         resumable(resume_run_id)
         config, folds = _config_of_parent(resume_run_id)
-    data = prepare_data(config)
+    hooks = hooks or CVHooks()
+    if data is None or data.config != config.data:
+        data = prepare_data(config)
     assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed)
     name = config.runtime.run_name or f"{config.model.arch}-cv{folds}-s{config.runtime.seed}"
-    with tracking.cv_run(config, name, folds, resume_run_id) as parent:
+    with tracking.cv_run(config, name, folds, resume_run_id, hooks.nested,
+                         hooks.tags) as parent:
+        if hooks.on_run_start is not None:
+            hooks.on_run_start(parent.run_id)
         if resume_run_id is None:
             parent.log_config(config)
             parent.log_data(data.frame, data.split, data.source)
@@ -84,6 +105,11 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None)
             run_id = finished.get(fold) or _train_fold(config, fold_data, fold, folds,
                                                        parent.run_id, name)
             results.append(_fold_result(fold, run_id, fold_data, config))
+            mlflow.log_metric("fold_val_balanced_accuracy", results[-1].val_balanced_accuracy,
+                              step=fold + 1)
+            if hooks.on_fold_end is not None:
+                hooks.on_fold_end(fold + 1, float(np.mean([r.val_balanced_accuracy
+                                                           for r in results])))
         return _log_parent(parent, config, data, assignment, results)
 
 
@@ -139,13 +165,15 @@ def _log_parent(parent: tracking.RunLog, config: Config, data: PreparedData,
     test_scores = parent.log_scored_split(test)
 
     fold_scores = np.array([r.val_balanced_accuracy for r in results])
-    for result in results:
-        mlflow.log_metric("fold_val_balanced_accuracy", result.val_balanced_accuracy,
-                          step=result.fold + 1)
+    low, high = fold_mean_ci(rows["label"].to_numpy(), oof_probs,
+                             assignment.iloc[order].to_numpy(), rows["lesion_id"].to_numpy(),
+                             n_boot=runtime.bootstrap, seed=runtime.seed)
     parent.log_summary({
         # What `skinml register` and run comparisons read as the validation score.
         "best_val_balanced_accuracy": oof_scores["balanced_accuracy"],
         "fold_val_balanced_accuracy_mean": float(fold_scores.mean()),
+        "fold_val_balanced_accuracy_mean_ci_low": low,
+        "fold_val_balanced_accuracy_mean_ci_high": high,
         "fold_val_balanced_accuracy_sd": float(fold_scores.std(ddof=1)),
     })
     parent.log_figures({"cv_folds.png": reports.fold_figure(fold_scores, oof_scores,
@@ -158,7 +186,7 @@ def _log_parent(parent: tracking.RunLog, config: Config, data: PreparedData,
     model_uri = parent.log_model({}, model_meta(config.model, frame_hw, np.nan),
                                  test_rows["path"].iloc[0], members=members)
     return CVResult(parent.run_id, model_uri, [r.run_id for r in results], oof_scores,
-                    test_scores)
+                    test_scores, float(fold_scores.mean()))
 
 
 def _finished_folds(parent_id: str) -> dict[int, str]:

@@ -127,11 +127,38 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray,
                  ) -> tuple[float, float]:
     """Percentile confidence interval of `statistic(labels, probs)`, resampling lesions."""
     labels, probs = np.asarray(labels), np.asarray(probs)
+    return _resampled_interval(lambda rows: statistic(labels[rows], probs[rows]), groups,
+                               n_boot, level, seed)
+
+
+def fold_mean_balanced_accuracy(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray
+                                ) -> float:
+    """The mean over folds of each fold's balanced accuracy (what a CV study optimises)."""
+    return float(np.mean([balanced_accuracy(labels[folds == f], probs[folds == f])
+                          for f in np.unique(folds)]))
+
+
+def fold_mean_ci(labels: np.ndarray, probs: np.ndarray, folds: np.ndarray, groups: np.ndarray,
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Lesion-bootstrap CI of `fold_mean_balanced_accuracy` over out-of-fold predictions.
+
+    Folds are lesion-disjoint, so a resample of the whole set's lesions keeps every image in
+    its own fold.
+    """
+    labels, probs, folds = np.asarray(labels), np.asarray(probs), np.asarray(folds)
+    return _resampled_interval(
+        lambda rows: fold_mean_balanced_accuracy(labels[rows], probs[rows], folds[rows]),
+        groups, n_boot, level, seed)
+
+
+def _resampled_interval(statistic, groups: np.ndarray, n_boot: int, level: float, seed: int
+                        ) -> tuple[float, float]:
+    """Percentile interval of `statistic(rows)` over lesion resamples (NaN rounds dropped)."""
     values = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rows in lesion_resamples(groups, n_boot, seed):
-            value = statistic(labels[rows], probs[rows])
+            value = statistic(rows)
             if np.isfinite(value):
                 values.append(value)
     if not values:

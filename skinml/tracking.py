@@ -161,11 +161,13 @@ def training_run(config: Config, run_name: str, resume_run_id: str | None = None
 
 
 @contextlib.contextmanager
-def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None = None
-           ) -> Iterator[RunLog]:
-    """The parent run of a cross-validation (its folds' training runs nest under it)."""
-    with _start_run(config.runtime.experiment, run_name, "cv", {"skinml.cv_folds": str(folds)},
-                    resume_run_id) as parent:
+def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None = None,
+           nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[RunLog]:
+    """The parent run of a cross-validation (its folds' training runs nest under it); itself
+    nested when it is a tuning trial."""
+    with _start_run(config.runtime.experiment, run_name, "cv",
+                    {"skinml.cv_folds": str(folds), **(tags or {})}, resume_run_id,
+                    nested) as parent:
         if "cv.folds" not in mlflow.get_run(parent.run_id).data.params:
             mlflow.log_param("cv.folds", folds)
         yield parent

@@ -1,6 +1,7 @@
 """Optuna tunes augmentation and class balancing; each trial is a nested MLflow run.
 
-One parent run per worker process, one child run per trial. Many workers (processes or
+One parent run per worker process, one child run per trial (with `objective="cv"`, a
+cross-validation parent with its folds nested below it). Many workers (processes or
 machines) share one study through its storage: `n_trials` is the study's total of
 COMPLETE trials, and a worker whose trial would exceed it waits for a running trial to
 finish (or to be failed by the heartbeat and retried) instead of starting a surplus one.
@@ -23,6 +24,7 @@ from optuna.trial import TrialState
 
 from skinml import compare, reports, tracking
 from skinml.config import Config, load_config, shipped_or_path
+from skinml.cv import CVHooks, cross_validate
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
 from skinml.retry import is_table_race, retry_table_race
@@ -49,9 +51,11 @@ class TuneOptions:
     study_name: str = "skin-lesion-tuning"
     storage: str = "sqlite:///optuna.db"
     sampler: str = "tpe"
-    pruner: str = "patient"
+    objective: str = "val"  # "val": one validation split; "cv": the mean over `folds` folds
+    folds: int = 5
+    pruner: str | None = None  # None: "patient" for "val", "median" for "cv"
     pruner_startup_trials: int = 3
-    pruner_warmup_epochs: int = 5
+    pruner_warmup_epochs: int | None = None  # steps: epochs (val) or folds (cv); None: 5 / 2
     pruner_patience: int = 3
     register_best: bool = False
     verdict: bool = True  # train the base config once more and compare the best trial with it
@@ -79,19 +83,35 @@ SAMPLERS = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 
+OBJECTIVES = ("val", "cv")
+
 PRUNERS = {
     # The median of a validation split of ~100 images moves by several points from one
     # epoch to the next: prune only after a warm-up, and only a trial that is below the
     # median and has not improved for `pruner_patience` epochs.
     "patient": lambda o: optuna.pruners.PatientPruner(
         optuna.pruners.MedianPruner(n_startup_trials=o.pruner_startup_trials,
-                                    n_warmup_steps=o.pruner_warmup_epochs),
+                                    n_warmup_steps=pruner_warmup(o)),
         patience=o.pruner_patience),
+    # With --objective cv a step is a fold and the reported value the running mean of the
+    # folds so far: every trial is cut into the same folds, so the median compares like
+    # with like.
     "median": lambda o: optuna.pruners.MedianPruner(n_startup_trials=o.pruner_startup_trials,
-                                                    n_warmup_steps=o.pruner_warmup_epochs),
+                                                    n_warmup_steps=pruner_warmup(o)),
     "hyperband": lambda o: optuna.pruners.HyperbandPruner(min_resource=1),
     "none": lambda o: optuna.pruners.NopPruner(),
 }
+
+
+def pruner_name(options: TuneOptions) -> str:
+    return options.pruner or ("median" if options.objective == "cv" else "patient")
+
+
+def pruner_warmup(options: TuneOptions) -> int:
+    """Steps before a trial can be pruned: 5 epochs, or 2 folds with --objective cv."""
+    if options.pruner_warmup_epochs is not None:
+        return options.pruner_warmup_epochs
+    return 2 if options.objective == "cv" else 5
 
 
 def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
@@ -100,8 +120,13 @@ def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
     Workers started together on a fresh database race to create Optuna's tables
     (`skinml.retry`).
     """
+    if options.objective not in OBJECTIVES:
+        raise SkinmlError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
+                          f"got {options.objective!r}")
+    if options.objective == "cv" and options.folds < 2:
+        raise SkinmlError(f"--folds must be at least 2, got {options.folds}")
     for name, value, registry in (("sampler", options.sampler, SAMPLERS),
-                                  ("pruner", options.pruner, PRUNERS)):
+                                  ("pruner", pruner_name(options), PRUNERS)):
         if value not in registry:
             raise SkinmlError(f"--{name} must be one of {', '.join(sorted(registry))}, "
                               f"got {value!r}")
@@ -118,7 +143,7 @@ def _open_study(options: TuneOptions) -> optuna.Study:
         study = optuna.create_study(storage=storage, study_name=options.study_name,
                                     direction="maximize", load_if_exists=True,
                                     sampler=SAMPLERS[options.sampler](options.seed),
-                                    pruner=PRUNERS[options.pruner](options))
+                                    pruner=PRUNERS[pruner_name(options)](options))
         study.sampler = SAMPLERS[options.sampler](sampler_seed(options.seed, study))
         return study
     except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
@@ -194,9 +219,7 @@ class _Objective:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
 
         try:
-            result = train(config, data=self.data, hooks=RunHooks(
-                nested=True, tags=tags, on_epoch_end=_reporter(trial, config),
-                on_run_start=on_run_start))
+            run_id, value, test = self._run(trial, config, tags, on_run_start)
         except optuna.TrialPruned:
             if started:
                 tracking.mark_trial(started[0], "PRUNED")
@@ -205,9 +228,22 @@ class _Objective:
             if started:
                 tracking.mark_trial(started[0], "FAIL")
             raise
-        tracking.mark_trial(result.run_id, "COMPLETE")
-        trial.set_user_attr("test_balanced_accuracy", result.test["balanced_accuracy"])
-        return result.val_balanced_accuracy
+        tracking.mark_trial(run_id, "COMPLETE")
+        trial.set_user_attr("test_balanced_accuracy", test)
+        return value
+
+    def _run(self, trial: optuna.Trial, config: Config, tags: dict[str, str],
+             on_run_start) -> tuple[str, float, float]:
+        """Train the trial's config: (run id, objective value, test balanced accuracy)."""
+        if self.options.objective == "cv":
+            result = cross_validate(config, self.options.folds, data=self.data, hooks=CVHooks(
+                nested=True, tags=tags, on_run_start=on_run_start,
+                on_fold_end=_fold_reporter(trial, self.options.folds)))
+            return result.run_id, result.fold_mean, result.test["balanced_accuracy"]
+        result = train(config, data=self.data, hooks=RunHooks(
+            nested=True, tags=tags, on_epoch_end=_reporter(trial, config),
+            on_run_start=on_run_start))
+        return result.run_id, result.val_balanced_accuracy, result.test["balanced_accuracy"]
 
     def wait_for_room(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
         """After a trial: ask for another only if running trials leave room below n_trials.
@@ -277,16 +313,26 @@ def _reporter(trial: optuna.Trial, config: Config):
     return report
 
 
+def _fold_reporter(trial: optuna.Trial, folds: int):
+    def report(done: int, running_mean: float) -> None:
+        trial.report(running_mean, step=done)
+        if done < folds and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after fold {done} of {folds}")
+    return report
+
+
 def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Config,
                data: PreparedData) -> TuneResult:
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
     best = _best_trial(study)
-    figures = _figures(study)
-    intervals = _trial_intervals(study)
+    figures = _figures(study, objective_name(options),
+                       "fold" if options.objective == "cv" else "epoch")
+    intervals = _trial_intervals(study, options)
     if intervals is not None:
         figures["trial_intervals.png"] = reports.interval_figure(
-            *intervals, title=f"study {study.study_name}: COMPLETE trials", xlabel=OBJECTIVE)
+            *intervals, title=f"study {study.study_name}: COMPLETE trials",
+            xlabel=objective_name(options))
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
                                counts, figures, str(shipped_or_path(options.search_space)),
                                _pruned_epochs_saved(study, options))
@@ -340,33 +386,42 @@ def _baseline_run(options: TuneOptions, base: Config, data: PreparedData) -> str
     name = f"{options.study_name}-baseline"
     config = load_config(options.config, [*options.overrides, f"runtime.run_name={name}"])
     tags = {tracking.ROLE_TAG: BASELINE_ROLE, "optuna.study_name": options.study_name}
+    if options.objective == "cv":
+        return cross_validate(config, options.folds, data=data,
+                              hooks=CVHooks(nested=True, tags=tags)).run_id
     return train(config, data=data, hooks=RunHooks(nested=True, tags=tags)).run_id
 
 
 def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions) -> int:
-    """Epochs the PRUNED trials did not run, against the epochs each was given."""
+    """Epochs the PRUNED trials did not run, against the epochs each was given (with
+    --objective cv: the epochs of the folds they did not train)."""
     budget = load_config(options.config, list(options.overrides)).optim.epochs
     saved = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         if trial.user_attrs.get("skinml.surplus"):
             continue  # never started: it waited for a slot the study no longer needed
         epochs = int(trial.params.get("optim.epochs", budget))
-        saved += max(0, epochs - max(trial.intermediate_values, default=0))
+        done = max(trial.intermediate_values, default=0)
+        if options.objective == "cv":
+            saved += max(0, options.folds - done) * epochs
+        else:
+            saved += max(0, epochs - done)
     return saved
 
 
-def _trial_intervals(study: optuna.Study) -> tuple[list[str], list[float], list[float],
-                                                    list[float]] | None:
+def _trial_intervals(study: optuna.Study, options: TuneOptions
+                     ) -> tuple[list[str], list[float], list[float], list[float]] | None:
     """Each COMPLETE trial's value with the 95 % CI its run logged (None without any)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
+    metric = ("fold_val_balanced_accuracy_mean" if options.objective == "cv"
+              else "best_val_balanced_accuracy")
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         metrics = client.get_run(run_id).data.metrics if run_id else {}
-        low = metrics.get("best_val_balanced_accuracy_ci_low")
-        high = metrics.get("best_val_balanced_accuracy_ci_high")
+        low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
         if low is not None and high is not None:
             rows.append((f"trial {trial.number}", trial.value, low, high))
     if not rows:
@@ -395,10 +450,19 @@ def best_run_id(study_name: str, storage: str) -> str:
 
 
 OBJECTIVE = "validation balanced accuracy"  # what _Objective returns, named on the figures
+
+
+def objective_name(options: TuneOptions) -> str:
+    if options.objective == "cv":
+        return f"mean {OBJECTIVE} of {options.folds} folds"
+    return OBJECTIVE
+
+
 PARALLEL_PARAMS = 5  # more axes than this are unreadable at the MLflow UI's preview size
 
 
-def _figures(study: optuna.Study) -> dict[str, Any]:
+def _figures(study: optuna.Study, objective: str = OBJECTIVE, step: str = "epoch"
+             ) -> dict[str, Any]:
     """Optuna's matplotlib figures, labelled and sized (900 x 600 px) for the MLflow UI.
 
     One that cannot be drawn yet (too few trials) is skipped with a warning.
@@ -408,12 +472,12 @@ def _figures(study: optuna.Study) -> dict[str, Any]:
 
     makers = {
         "optimization_history.png": lambda: _history_axes(
-            plots.plot_optimization_history(study, target_name=OBJECTIVE)),
+            plots.plot_optimization_history(study, target_name=objective), objective),
         "param_importances.png": lambda: _importance_axes(
-            plots.plot_param_importances(study, target_name=OBJECTIVE)),
-        "parallel_coordinate.png": lambda: _parallel_axes(plots, study),
+            plots.plot_param_importances(study, target_name=objective), objective),
+        "parallel_coordinate.png": lambda: _parallel_axes(plots, study, objective),
         "intermediate_values.png": lambda: _intermediate_axes(
-            plots.plot_intermediate_values(study)),
+            plots.plot_intermediate_values(study), objective, step),
     }
     missing = _not_drawable(study)
     figures = {}
@@ -465,17 +529,17 @@ def _sampled_params(study: optuna.Study) -> list[str]:
                               for name in t.params))
 
 
-def _history_axes(axes):
+def _history_axes(axes, objective: str):
     axes.set_title("each complete trial, and the best so far")
-    _label_integer_x(axes, "trial", OBJECTIVE)
+    _label_integer_x(axes, "trial", objective)
     handles, labels = axes.get_legend_handles_labels()
-    names = {OBJECTIVE: "complete trial", "Best Value": "best so far"}
+    names = {objective: "complete trial", "Best Value": "best so far"}
     axes.legend(handles, [names.get(label, label) for label in labels], loc="best")
     return axes
 
 
-def _importance_axes(axes):
-    axes.set_title(f"parameter importance for {OBJECTIVE}")
+def _importance_axes(axes, objective: str):
+    axes.set_title(f"parameter importance for {objective}")
     axes.set_xlabel("importance (Optuna PED-ANOVA; sums to 1)")
     axes.set_ylabel("")
     if axes.get_legend() is not None:  # one objective: the legend says nothing
@@ -483,9 +547,9 @@ def _importance_axes(axes):
     return axes
 
 
-def _parallel_axes(plots, study: optuna.Study):
+def _parallel_axes(plots, study: optuna.Study, objective: str):
     names, ranked = _important_params(study)
-    axes = plots.plot_parallel_coordinate(study, params=names, target_name=OBJECTIVE)
+    axes = plots.plot_parallel_coordinate(study, params=names, target_name=objective)
     which = "most important" if ranked else "first sampled"
     axes.set_title(f"the {len(names)} {which} of {len(_sampled_params(study))} parameters",
                    y=1.03)
@@ -495,9 +559,10 @@ def _parallel_axes(plots, study: optuna.Study):
     return axes
 
 
-def _intermediate_axes(axes):
-    axes.set_title("after each epoch, one line per trial (pruned trials stop early)")
-    _label_integer_x(axes, "epoch", OBJECTIVE)
+def _intermediate_axes(axes, objective: str, step: str):
+    what = "running mean " if step == "fold" else ""
+    axes.set_title(f"{what}after each {step}, one line per trial (pruned trials stop early)")
+    _label_integer_x(axes, step, objective)
     if axes.get_legend() is not None and len(axes.get_lines()) > 12:
         axes.get_legend().remove()  # a legend this long runs off the figure
     return axes
@@ -517,9 +582,11 @@ def _complete(study: optuna.Study) -> int:
 
 def _logged_options(options: TuneOptions) -> dict[str, Any]:
     return {"n_trials": options.n_trials, "max_trials": max_trials(options),
-            "verdict": options.verdict,
-            "timeout": options.timeout,
-            "sampler": options.sampler, "pruner": options.pruner, "seed": options.seed,
+            "verdict": options.verdict, "objective": options.objective,
+            "folds": options.folds if options.objective == "cv" else None,
+            "timeout": options.timeout, "sampler": options.sampler,
+            "pruner": pruner_name(options), "pruner_warmup": pruner_warmup(options),
+            "seed": options.seed,
             "search_space": str(options.search_space), "config": str(options.config)}
 
 

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from skinml.config import load_config
 from skinml.cv import FOLD_TAG, PARENT_TAG, cross_validate
 from skinml.labels import PROBABILITY_COLUMNS
-from skinml.metrics import balanced_accuracy, macro_auc
+from skinml.metrics import balanced_accuracy, fold_mean_balanced_accuracy, macro_auc
 from skinml.packaging import predict_paths
 from skinml.registry import card_file, register_run
 from skinml.run_store import logged_model_uri
@@ -87,6 +87,13 @@ def test_oof_predictions_cover_every_non_test_image_once_and_give_the_parent_met
                                                              abs=1e-9)
     assert metrics["oof_auc"] == pytest.approx(macro_auc(labels, probs), abs=1e-6)
     assert metrics["best_val_balanced_accuracy"] == metrics["oof_balanced_accuracy"]
+    # the mean of the folds (what `tune --objective cv` optimises) with its lesion interval
+    folds = oof["fold"].to_numpy()
+    assert metrics["fold_val_balanced_accuracy_mean"] == pytest.approx(
+        fold_mean_balanced_accuracy(labels, probs, folds), abs=1e-9)
+    assert (metrics["fold_val_balanced_accuracy_mean_ci_low"]
+            <= metrics["fold_val_balanced_accuracy_mean"]
+            <= metrics["fold_val_balanced_accuracy_mean_ci_high"])
 
 
 def test_served_ensemble_is_the_mean_of_the_fold_models(cv):
