@@ -24,10 +24,11 @@ MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
 
 
-def batch_settings() -> tuple[int, float]:
+def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
     """(max_batch, max_wait in seconds) from SKINML_SERVE_MAX_BATCH (64) and
-    SKINML_SERVE_MAX_WAIT_MS (5); MLServer's adaptive batching reads the same."""
-    return (max(1, int(os.environ.get(MAX_BATCH_ENV, "64"))),
+    SKINML_SERVE_MAX_WAIT_MS (5); MLServer's adaptive batching reads the same (its own
+    default batch: serving.MLSERVER_MAX_BATCH)."""
+    return (max(1, int(os.environ.get(MAX_BATCH_ENV, default_max_batch))),
             max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
 
 

@@ -8,9 +8,10 @@ ceiling on a GPU.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -211,12 +212,14 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
         rest_ms.append(_milliseconds(post, 1))
         local_ms.append(_milliseconds(local, 1))
     rounds = max(3, requests // 10)
-    rest_batch = sum(_milliseconds(post, batch) for _ in range(rounds)) / 1000
-    local_batch = sum(_milliseconds(local, batch) for _ in range(rounds)) / 1000
+    # The fastest of three repetitions: the ceiling the served numbers are held against
+    # should not be lowered by a moment of noise on a shared machine.
+    rest_batch = min(sum(_milliseconds(post, batch) for _ in range(rounds)) for _ in range(3))
+    local_batch = min(sum(_milliseconds(local, batch) for _ in range(rounds)) for _ in range(3))
     served = model.unwrap_python_model()
     return ServeLatency(f"{served.arch}, {served.preprocess.image_size} px",
-                        np.array(rest_ms), np.array(local_ms), batch * rounds / rest_batch,
-                        batch * rounds / local_batch)
+                        np.array(rest_ms), np.array(local_ms),
+                        batch * rounds / (rest_batch / 1000), batch * rounds / (local_batch / 1000))
 
 
 def _milliseconds(call, rows: int) -> float:
@@ -241,28 +244,36 @@ class ConcurrentLoad:
 def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bool = False
                       ) -> ConcurrentLoad:
     """`clients` threads each posting one-image requests until `requests` are answered
-    (`v2`: MLServer's V2 inference protocol, whose requests its adaptive batching merges)."""
+    (`v2`: MLServer's V2 inference protocol, whose requests its adaptive batching merges).
+
+    Each client keeps its connection open between requests, as an HTTP client library's
+    session does (a clinic viewer, a batch job); a failed request reconnects.
+    """
     import base64
     import json
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from skinml.serving import MLSERVER_MODEL_NAME
 
     encoded = base64.b64encode(image.read_bytes()).decode()
     if v2:
-        path = f"v2/models/{MLSERVER_MODEL_NAME}/infer"
+        path = f"/v2/models/{MLSERVER_MODEL_NAME}/infer"
         body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                        "parameters": {"content_type": "str"},
                                        "data": [encoded]}]}).encode()
     else:
-        path, body = "invocations", json.dumps({"inputs": {"image": [encoded]}}).encode()
+        path, body = "/invocations", json.dumps({"inputs": {"image": [encoded]}}).encode()
+    connections = threading.local()
 
     def one(_: int) -> tuple[float, bool]:
         started = time.perf_counter()
         try:
-            _invoke(url, body, path)
-            ok = True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):  # HTTPError included
+            if not hasattr(connections, "client"):
+                connections.client = _KeptConnection(url)
+            ok = connections.client.post(path, body)
+        except (OSError, http.client.HTTPException):
+            del connections.client  # reconnect on the next request
             ok = False
         return (time.perf_counter() - started) * 1000, ok
 
@@ -273,6 +284,21 @@ def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bo
         seconds = time.perf_counter() - started
     return ConcurrentLoad(clients, requests, seconds, np.array([ms for ms, _ in results]),
                           sum(not ok for _, ok in results))
+
+
+class _KeptConnection:
+    """One HTTP/1.1 connection reused for every request of one client."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+
+    def post(self, path: str, body: bytes) -> bool:
+        """True for a 2xx answer (read whole, so the connection can carry the next one)."""
+        self.connection.request("POST", path, body, {"Content-Type": "application/json"})
+        reply = self.connection.getresponse()
+        reply.read()
+        return 200 <= reply.status < 300
 
 
 def _invoke(url: str, body: bytes, path: str = "invocations") -> None:

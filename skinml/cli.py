@@ -440,28 +440,36 @@ def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootst
 @click.option("--timeout", type=click.IntRange(min=1), metavar="SECONDS",
               help="Answer a request still running after this long with HTTP 504 "
                    "[default: MLflow's, 60].")
+@click.option("--workers", type=click.IntRange(min=1), metavar="INT",
+              help="Server processes, each with cores/workers torch threads (at least 1) "
+                   "[default: two per CPU core, at most 4].")
 @click.option("--mlserver", is_flag=True,
               help="Serve with MLServer (V2 inference protocol, adaptive batching) instead "
                    "of mlflow models serve; needs pip install 'skinml[mlserver]'.")
-def serve(model_uri: str, port: int, host: str, timeout: int | None, mlserver: bool) -> None:
+def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: int | None,
+          mlserver: bool) -> None:
     """Serve a model over REST: runs `mlflow models serve` with the local environment."""
     from skinml.serving import (
         check_model_uri,
         check_port_free,
+        default_workers,
         mlserver_command,
         serve_command,
     )
 
-    if mlserver and timeout:
-        raise click.BadParameter("is for mlflow models serve; MLServer has no request "
-                                 "timeout of its own", param_hint="--timeout")
+    for given, name in ((timeout, "--timeout"), (workers, "--workers")):
+        if mlserver and given:
+            raise click.BadParameter("is for mlflow models serve, not MLServer",
+                                     param_hint=name)
     check_model_uri(model_uri)
     check_port_free(host, port)
+    workers = workers or default_workers()
     if mlserver:
         command, env = mlserver_command(model_uri, host, port)
+        server = "MLServer"
     else:
-        command, env = serve_command(model_uri, host, port, timeout), dict(os.environ)
-    server = "MLServer" if mlserver else "mlflow models serve"
+        command, env = serve_command(model_uri, host, port, timeout, workers)
+        server = f"mlflow models serve, {workers} worker(s)"
     click.echo(f"serving {model_uri} at http://{host}:{port} ({server})", err=True)
     os.execve(command[0], command, env)
 
@@ -658,10 +666,12 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--concurrency", default="1,4,16", show_default=True, metavar="N[,N...]",
               help="Concurrent one-image clients to measure (0: skip).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="INT",
+              help="Server processes, as skinml serve --workers [default: as skinml serve].")
 @click.option("--mlserver", is_flag=True,
               help="Measure MLServer (skinml serve --mlserver); clients use the V2 protocol.")
 def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
-                batch: int, concurrency: str, mlserver: bool) -> None:
+                batch: int, concurrency: str, workers: int | None, mlserver: bool) -> None:
     """REST latency (p50/p95) vs in-process predict, batch throughput, and throughput
     under concurrent one-image clients."""
     import numpy as np
@@ -669,18 +679,20 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     from skinml.bench import bench_concurrency, machine
     from skinml.bench import bench_serve as run
     from skinml.data.metadata import default_data_dir
-    from skinml.serving import running_server
+    from skinml.serving import default_workers, running_server
 
     image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
     clients = _client_counts(concurrency)
-    server = running_server(model_uri, mlserver=mlserver)
+    workers = workers or default_workers()
+    name = ("MLServer, V2 clients" if mlserver else
+            "a server of your own" if url else f"mlflow models serve, {workers} worker(s)")
+    server = running_server(model_uri, mlserver=mlserver, workers=workers)
     with contextlib.nullcontext(url.rstrip("/")) if url else server as url:
         result = run(model_uri, image, url, count, batch)
         loads = [bench_concurrency(image, url, n, max(count, 4 * n), v2=mlserver)
                  for n in clients]
     rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
     local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
-    name = "MLServer, V2 clients" if mlserver else "mlflow models serve"
     click.echo(f"machine: {machine()}; model {model_uri} ({result.model}); "
                f"{name}; {count} one-image requests")
     click.echo(f"REST        p50 {rest50:7.1f} ms   p95 {rest95:7.1f} ms   "

@@ -56,7 +56,8 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
 @pytest.mark.parametrize("args, reason", [
     (["cv", "--folds", "1"], "needs at least 2 folds"),
     (["cv", "--folds", "x"], "'x' is not a whole number"),
-    (["serve", "--mlserver", "--timeout", "5"], "MLServer has no request timeout"),
+    (["serve", "--mlserver", "--timeout", "5"], "is for mlflow models serve, not MLServer"),
+    (["serve", "--mlserver", "--workers", "2"], "is for mlflow models serve, not MLServer"),
 ])
 def test_option_mistakes_of_cv_and_serve_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)

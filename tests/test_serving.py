@@ -290,28 +290,40 @@ def test_predict_names_a_bad_file(store, tmp_path):
 
 
 def test_skinml_serve_enforces_request_limits_and_a_timeout(store, images):
-    """`skinml serve` with small limits: too many rows or too many bytes are refused before
-    any image is decoded; a request slower than --timeout gets 504 while /ping answers."""
+    """`skinml serve` with two workers and small limits: concurrent requests each get their
+    own answers; too many rows or too many bytes are refused before any image is decoded; a
+    request slower than --timeout gets 504 while /ping answers."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "skinml", "serve", f"models:/{NAME}@{CHAMPION}", "--port",
-         str(port), "--timeout", "1"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "SKINML_SERVE_MAX_ROWS": "4",
+         str(port), "--timeout", "1", "--workers", "2"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "SKINML_SERVE_MAX_ROWS": "8",
              "SKINML_SERVE_MAX_REQUEST_MB": "0.5"},
         cwd=store["root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    batch = images["batch"]
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").predict(
+        pd.DataFrame({"image": batch}))[PROBS].to_numpy()
     try:
         wait_ready(process, port)
-        status, body = post(url, {"inputs": {"image": [images["jpeg"]] * 5}})
+        with ThreadPoolExecutor(16) as pool:  # spread over both workers
+            answers = list(pool.map(lambda i: post(url, {"inputs": {"image": [batch[i % 4]]}}),
+                                    range(16)))
+        for i, (status, body) in enumerate(answers):
+            assert status == 200, body
+            np.testing.assert_allclose(pd.DataFrame(body["predictions"])[PROBS].to_numpy(),
+                                       local[[i % 4]], atol=1e-6)
+        status, body = post(url, {"inputs": {"image": [images["jpeg"]] * 9}})
         assert (status, body["message"]) == (
-            400, "request has 5 images; at most 4 per request (SKINML_SERVE_MAX_ROWS)")
+            400, "request has 9 images; at most 8 per request (SKINML_SERVE_MAX_ROWS)")
         not_an_image = base64.b64encode(os.urandom(450_000)).decode()  # 0.6 MB of base64
         status, body = post(url, {"inputs": {"image": [not_an_image]}})
         assert status == 400 and "request holds 0.6 MB of images; at most 0.5 MB" in \
             body["message"], body  # refused by size: it was never decoded
         with ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(post, url, {"inputs": {"image": [_bomb(7000)] * 3}})
+            # 7 x 49 million pixels: over 2 s of decoding, under the 0.5 MB limit
+            slow = pool.submit(post, url, {"inputs": {"image": [_bomb(7000)] * 7}})
             time.sleep(0.3)
             started = time.perf_counter()
             assert ping(url) == 200
