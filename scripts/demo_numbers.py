@@ -113,11 +113,24 @@ def record() -> dict:
     return {
         "code_digest": code_digest(),
         "recorded": date.today().isoformat(),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}",
+        # The CPU and its vector unit matter: floating-point differences between kernels
+        # grow over 40 epochs into different models (see README, "What tuning ... shows").
+        "machine": f"{_cpu_name()}, {os.cpu_count()} CPU cores, {platform.machine()} "
+                   f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}",
         "metrics": {k: metrics[k] for k in keep},
         "sample_image": SAMPLE_IMAGE,
         "sample_prediction": {k: v for k, v in prediction.items() if k != "image"},
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":
