@@ -12,7 +12,6 @@ import http.client
 import os
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from skinml.config import Config
 from skinml.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from skinml.device import resolve_device, synchronize
 from skinml.engine import train_one_epoch
+from skinml.errors import SkinmlError
 from skinml.model import build_model
 from skinml.recipe import TrainSettings, build_augment, build_step_tools
 from skinml.train import PreparedData, batches_for, prepare_data
@@ -196,10 +196,13 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
 
     encoded = base64.b64encode(image.read_bytes()).decode()
     model = load_model(model_uri)
+    client = _KeptConnection(url)
 
     def post(rows: int) -> None:
-        _invoke(url, json.dumps({"dataframe_split": {"columns": ["image"],
-                                                     "data": [[encoded]] * rows}}).encode())
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[encoded]] * rows}}).encode()
+        if not client.post("/invocations", body):
+            raise SkinmlError(f"{url}/invocations did not answer {rows} image(s) with 2xx")
 
     def local(rows: int) -> None:
         model.predict(pd.DataFrame({"image": [encoded] * rows}))
@@ -299,13 +302,3 @@ class _KeptConnection:
         reply = self.connection.getresponse()
         reply.read()
         return 200 <= reply.status < 300
-
-
-def _invoke(url: str, body: bytes, path: str = "invocations") -> None:
-    """POST a JSON body to the server's /invocations; HTTPError unless it answers 2xx."""
-    from skinml.serving import DIRECT
-
-    request = urllib.request.Request(f"{url}/{path}", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with DIRECT.open(request, timeout=120) as reply:
-        reply.read()

@@ -463,11 +463,11 @@ def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: in
                                      param_hint=name)
     check_model_uri(model_uri)
     check_port_free(host, port)
-    workers = workers or default_workers()
     if mlserver:
         command, env = mlserver_command(model_uri, host, port)
         server = "MLServer"
     else:
+        workers = workers or default_workers()
         command, env = serve_command(model_uri, host, port, timeout, workers)
         server = f"mlflow models serve, {workers} worker(s)"
     click.echo(f"serving {model_uri} at http://{host}:{port} ({server})", err=True)

@@ -9,6 +9,7 @@ finish (or to be failed by the heartbeat and retried) instead of starting a surp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -83,7 +84,21 @@ SAMPLERS = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 
-OBJECTIVES = ("val", "cv")
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """What a trial's value is: its reported steps, default pruning, where its CI is logged."""
+
+    step: str  # one report per epoch, or per fold
+    pruner: str
+    warmup: int  # steps before a trial can be pruned
+    metric: str  # the trial run's metric holding the value, with `_ci_low`/`_ci_high`
+
+
+OBJECTIVES = {
+    "val": ObjectiveKind("epoch", "patient", 5, "best_val_balanced_accuracy"),
+    # A CV trial reports the running mean of its folds; 2 folds before pruning.
+    "cv": ObjectiveKind("fold", "median", 2, "fold_val_balanced_accuracy_mean"),
+}
 
 PRUNERS = {
     # The median of a validation split of ~100 images moves by several points from one
@@ -104,14 +119,14 @@ PRUNERS = {
 
 
 def pruner_name(options: TuneOptions) -> str:
-    return options.pruner or ("median" if options.objective == "cv" else "patient")
+    return options.pruner or OBJECTIVES[options.objective].pruner
 
 
 def pruner_warmup(options: TuneOptions) -> int:
     """Steps before a trial can be pruned: 5 epochs, or 2 folds with --objective cv."""
     if options.pruner_warmup_epochs is not None:
         return options.pruner_warmup_epochs
-    return 2 if options.objective == "cv" else 5
+    return OBJECTIVES[options.objective].warmup
 
 
 def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
@@ -326,8 +341,7 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
     best = _best_trial(study)
-    figures = _figures(study, objective_name(options),
-                       "fold" if options.objective == "cv" else "epoch")
+    figures = _figures(study, objective_name(options), OBJECTIVES[options.objective].step)
     intervals = _trial_intervals(study, options)
     if intervals is not None:
         figures["trial_intervals.png"] = reports.interval_figure(
@@ -335,7 +349,7 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
             xlabel=objective_name(options))
     tracking.log_study_summary(best.value if best else None, best.params if best else {},
                                counts, figures, str(shipped_or_path(options.search_space)),
-                               _pruned_epochs_saved(study, options))
+                               _pruned_epochs_saved(study, options, base.optim.epochs))
     verdict = (_verdict(best, options, base, data)
                if best is not None and options.verdict else None)
     if verdict is not None:
@@ -383,8 +397,8 @@ def _baseline_run(options: TuneOptions, base: Config, data: PreparedData) -> str
             "attributes.status = 'FINISHED'", max_results=1)
         if found:
             return found[0].info.run_id
-    name = f"{options.study_name}-baseline"
-    config = load_config(options.config, [*options.overrides, f"runtime.run_name={name}"])
+    runtime = dataclasses.replace(base.runtime, run_name=f"{options.study_name}-baseline")
+    config = dataclasses.replace(base, runtime=runtime)
     tags = {tracking.ROLE_TAG: BASELINE_ROLE, "optuna.study_name": options.study_name}
     if options.objective == "cv":
         return cross_validate(config, options.folds, data=data,
@@ -392,10 +406,9 @@ def _baseline_run(options: TuneOptions, base: Config, data: PreparedData) -> str
     return train(config, data=data, hooks=RunHooks(nested=True, tags=tags)).run_id
 
 
-def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions) -> int:
-    """Epochs the PRUNED trials did not run, against the epochs each was given (with
-    --objective cv: the epochs of the folds they did not train)."""
-    budget = load_config(options.config, list(options.overrides)).optim.epochs
+def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions, budget: int) -> int:
+    """Epochs the PRUNED trials did not run, against the epochs each was given (`budget`
+    unless sampled; with --objective cv: the epochs of the folds they did not train)."""
     saved = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         if trial.user_attrs.get("skinml.surplus"):
@@ -415,8 +428,7 @@ def _trial_intervals(study: optuna.Study, options: TuneOptions
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    metric = ("fold_val_balanced_accuracy_mean" if options.objective == "cv"
-              else "best_val_balanced_accuracy")
+    metric = OBJECTIVES[options.objective].metric
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
