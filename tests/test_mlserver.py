@@ -56,7 +56,7 @@ def served(tmp_path_factory):
             cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(process, port, timeout=180)
-        yield {"url": f"http://127.0.0.1:{port}", "expected": expected}
+        yield {"url": f"http://127.0.0.1:{port}", "expected": expected, "root": root}
     finally:
         stop_server(process)
 
@@ -124,3 +124,12 @@ def test_without_mlserver_installed_the_error_is_one_line(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "mlserver_mlflow", None)  # import fails as if absent
     with pytest.raises(SkinmlError, match=r"pip install 'skinml\[mlserver\]'"):
         mlserver_folder("models:/m-0", tmp_path, "127.0.0.1", free_port(), 64, 5)
+
+
+def test_adaptive_batches_default_to_16_rows_waiting_5_ms(served):
+    """MLServer waits for a full batch or the time, so its batch is about the number of
+    concurrent clients rather than the in-model coalescer's 64."""
+    assert "SKINML_SERVE_MAX_BATCH" not in os.environ
+    (settings,) = (served["root"] / "cache" / "mlserver").glob("*/model/model-settings.json")
+    written = json.loads(settings.read_text())
+    assert (written["max_batch_size"], written["max_batch_time"]) == (16, 0.005)

@@ -27,7 +27,15 @@ from skinml.cli import main
 from skinml.config import load_config
 from skinml.labels import CLASSES
 from skinml.registry import CHALLENGER, CHAMPION, register_run
-from skinml.serving import DIRECT, free_port, start_server, stop_server, wait_ready
+from skinml.serving import (
+    DIRECT,
+    default_workers,
+    free_port,
+    serve_command,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from skinml.train import train
 
 from .conftest import build_folder, isolated_tracking, tiny
@@ -332,6 +340,19 @@ def test_skinml_serve_enforces_request_limits_and_a_timeout(store, images):
         assert post(url, {"inputs": {"image": [images["jpeg"]]}})[0] == 200
     finally:
         stop_server(process)
+
+
+def test_serve_workers_share_the_cores_for_torch(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_workers() == 4
+    command, env = serve_command("models:/m", "127.0.0.1", 5001, workers=4)
+    assert command[command.index("-w") + 1] == "4" and env["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in serve_command("models:/m", "127.0.0.1", 5001)[1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stays
+    assert serve_command("models:/m", "127.0.0.1", 5001, workers=4)[1]["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert default_workers() == 2
 
 
 def test_skinml_serve_refuses_an_unknown_model_or_a_busy_port_in_one_line(store):
