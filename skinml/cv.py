@@ -149,13 +149,17 @@ def _log_parent(parent: tracking.RunLog, config: Config, data: PreparedData,
         run_id=np.concatenate([[r.run_id] * len(r.val_rows) for r in results]),
         **dict(zip(PROBABILITY_COLUMNS, oof_probs.T, strict=True)))
     parent.log_text(table.to_csv(index=False), "oof_predictions.csv")
+    members = [{"weights": r.weights, "temperature": r.temperature} for r in results]
+    frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
+    test_rows = frame[data.split.to_numpy() == "test"]
+    model_uri = parent.log_model({}, model_meta(config.model, frame_hw, np.nan),
+                                 test_rows["path"].iloc[0], members=members)  # before metrics
     runtime = config.runtime
     oof = score_split("oof", rows["label"].to_numpy(), oof_uncalibrated, np.nan,
                       rows["lesion_id"].to_numpy(), subgroup_attributes(rows),
                       n_boot=runtime.bootstrap, seed=runtime.seed, served=oof_probs)
     oof_scores = parent.log_scored_split(oof, folder="oof")
 
-    test_rows = frame[data.split.to_numpy() == "test"]
     ensemble = np.mean([apply_temperature(r.test_uncalibrated, r.temperature)
                         for r in results], axis=0)
     test = score_split("test", test_rows["label"].to_numpy(),
@@ -181,10 +185,6 @@ def _log_parent(parent: tracking.RunLog, config: Config, data: PreparedData,
     log.info("OOF balanced accuracy %.4f (%d images), fold ensemble test balanced accuracy "
              "%.4f (%d images)", oof_scores["balanced_accuracy"], len(rows),
              test_scores["balanced_accuracy"], len(test_rows))
-    members = [{"weights": r.weights, "temperature": r.temperature} for r in results]
-    frame_hw = tuple(int(s) for s in data.cache.images.shape[1:3])
-    model_uri = parent.log_model({}, model_meta(config.model, frame_hw, np.nan),
-                                 test_rows["path"].iloc[0], members=members)
     return CVResult(parent.run_id, model_uri, [r.run_id for r in results], oof_scores,
                     test_scores, float(fold_scores.mean()))
 

@@ -54,11 +54,18 @@ ROLE_TAG = "skinml.role"  # training, study, evaluation or comparison: what a ru
 
 
 class RunLog:
-    """Logging into one active run; `log_epoch` is the engine's epoch callback."""
+    """Logging into one active run; `log_epoch` is the engine's epoch callback.
+
+    Log the model before the run's final (step 0) metrics: they then name it and MLflow
+    links them to the logged model. Logged after them, `log_model` writes every step-0
+    metric a second time to link it, which the store rejects as a duplicate and retries
+    (on PostgreSQL, psycopg warns "pipeline aborted" each time).
+    """
 
     def __init__(self, run_id: str, title: str) -> None:
         self.run_id = run_id
         self.title = title
+        self.model_id: str | None = None
 
     def log_config(self, config: Config) -> None:
         """The resolved config as params (dotted names) and as config.yaml.
@@ -103,8 +110,8 @@ class RunLog:
         split, table = scored.split, scored.per_class
         per_class = {f"{split}_{metric}_{dx}": value for dx, row in table.iterrows()
                      for metric, value in row.items() if metric in ("recall", "auc")}
-        mlflow.log_metrics(_finite({**{f"{split}_{k}": v for k, v in scored.scores.items()},
-                                    **per_class}))
+        self.log_summary({**{f"{split}_{k}": v for k, v in scored.scores.items()},
+                          **per_class})
         title = f"{self.title}: {split} split ({len(scored.labels)} images)"
         prefix = f"{folder}/" if folder else ""
         self.log_figures({prefix + name: figure
@@ -122,13 +129,16 @@ class RunLog:
         mlflow.log_text(text, name)
 
     def log_summary(self, values: dict[str, float]) -> None:
-        mlflow.log_metrics(_finite(values))
+        """Final metrics (step 0), linked to the logged model when there is one."""
+        mlflow.log_metrics(_finite(values), model_id=self.model_id)
 
     def log_model(self, weights: dict[str, torch.Tensor], meta: dict[str, Any],
                   example_image: str, members: list[dict[str, Any]] | None = None) -> str:
         """The pyfunc model named `model`; `example_image` is a file for its input example;
         `members` make it an ensemble."""
-        return packaging.log_model(weights, meta, example_image, members).model_uri
+        info = packaging.log_model(weights, meta, example_image, members)
+        self.model_id = info.model_id
+        return info.model_uri
 
 
 @contextlib.contextmanager

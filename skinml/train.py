@@ -184,6 +184,7 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunL
     if run is None:
         return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
                            compute_metrics(output.labels, output.probs))
+    model_uri = _log_model(run, model, data, config, temperature)  # before its metrics
     rows = data.frame[data.split == "test"]
     scored = score_split("test", output.labels, output.probs, temperature,
                                       groups=rows["lesion_id"].to_numpy(),
@@ -195,7 +196,6 @@ def _train_run(config: Config, data: PreparedData, sets: SplitBatches, run: RunL
     run.log_summary({"best_epoch": outcome.best_epoch,
                      "best_val_balanced_accuracy": outcome.best_score,
                      **_val_interval(val, data, config)})
-    model_uri = _log_model(run, model, data, config, temperature)
     return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
 
 

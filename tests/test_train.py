@@ -67,6 +67,11 @@ def test_train_logs_a_complete_run(tracking, small_folder):
     # what selection reads carries its interval too
     assert m["best_val_balanced_accuracy_ci_low"] <= m["best_val_balanced_accuracy"] <= \
         m["best_val_balanced_accuracy_ci_high"]
+    # The final metrics name the logged model (MLflow links them to it, logged once).
+    logged = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    linked = {metric.key: metric.value for metric in logged.metrics}
+    assert linked["test_balanced_accuracy"] == m["test_balanced_accuracy"]
+    assert linked["best_val_balanced_accuracy"] == m["best_val_balanced_accuracy"]
     assert run.data.params["balance.strategy"] == "sampler"
     assert run.data.params["model.image_size"] == "32"
     assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == [
