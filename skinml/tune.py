@@ -9,10 +9,12 @@ finish (or to be failed by the heartbeat and retried) instead of starting a surp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,15 +203,57 @@ def tune(options: TuneOptions) -> TuneResult:
             log.info("study %s already has %d complete trials", options.study_name,
                      _complete(study))
         else:
-            objective = _Objective(study, options, space, data)
-            study.optimize(objective, n_trials=None, timeout=options.timeout,
-                           gc_after_trial=True, catch=(SkinmlError,),
-                           callbacks=[optuna.study.MaxTrialsCallback(
-                               options.n_trials, states=(TrialState.COMPLETE,)),
-                               optuna.study.MaxTrialsCallback(max_trials(options), states=None),
-                               objective.wait_for_room])
+            _optimize(study, _Objective(study, options, space, data), options)
         result = _summarise(study, options, parent, base, data)
     return result
+
+
+def _optimize(study: optuna.Study, objective: _Objective, options: TuneOptions) -> None:
+    """`study.optimize`, going on when another worker declared this one's trial dead.
+
+    A worker that stalled longer than the grace period (a loaded CPU, a suspended VM, a
+    slow disk) is not dead, but its trial is failed and retried elsewhere, and Optuna then
+    ends this worker with "Cannot tell a FAIL trial" (optuna/optuna#5470). One line says
+    so instead, and this worker takes the next trial.
+    """
+    started = time.monotonic()
+    while True:
+        timeout = (None if options.timeout is None
+                   else max(0.0, options.timeout - (time.monotonic() - started)))
+        try:
+            with _quiet_about(objective):
+                study.optimize(objective, n_trials=None, timeout=timeout,
+                               gc_after_trial=True, catch=(SkinmlError,),
+                               callbacks=[optuna.study.MaxTrialsCallback(
+                                   options.n_trials, states=(TrialState.COMPLETE,)),
+                                   optuna.study.MaxTrialsCallback(max_trials(options),
+                                                                  states=None),
+                                   objective.wait_for_room])
+            return
+        except ValueError:
+            if objective.declared_dead is None:
+                raise
+            log.warning("trial %d was declared dead by another worker (no heartbeat for over "
+                        "%d s; raise --grace-period if this machine stalls): it is retried, "
+                        "and this worker goes on", objective.declared_dead,
+                        options.grace_period)
+            objective.declared_dead = None
+
+
+@contextlib.contextmanager
+def _quiet_about(objective: _Objective) -> Iterator[None]:
+    """Without Optuna's traceback for a trial declared dead: `_optimize` says it in one line."""
+    logger = logging.getLogger("optuna.study._optimize")
+
+    def keep(record: logging.LogRecord) -> bool:
+        number = objective.declared_dead
+        return number is None or not record.getMessage().startswith(f"Trial {number} failed")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class _Objective:
@@ -218,8 +262,17 @@ class _Objective:
     def __init__(self, study: optuna.Study, options: TuneOptions,
                  space: tuple[Dimension, ...], data: PreparedData) -> None:
         self.study, self.options, self.space, self.data = study, options, space, data
+        self.declared_dead: int | None = None  # this worker's trial that another one failed
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._trial(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker's heartbeat check failed this trial while it ran here.
+            self.declared_dead = trial.number
+            raise
+
+    def _trial(self, trial: optuna.Trial) -> float:
         self._wait_for_slot(trial)
         overrides = suggest(trial, self.space)
         config = load_config(self.options.config, [
@@ -235,6 +288,7 @@ class _Objective:
 
         try:
             run_id, value, test = self._run(trial, config, tags, on_run_start)
+            trial.set_user_attr("test_balanced_accuracy", test)  # fails if declared dead
         except optuna.TrialPruned:
             if started:
                 tracking.mark_trial(started[0], "PRUNED")
@@ -244,7 +298,6 @@ class _Objective:
                 tracking.mark_trial(started[0], "FAIL")
             raise
         tracking.mark_trial(run_id, "COMPLETE")
-        trial.set_user_attr("test_balanced_accuracy", test)
         return value
 
     def _run(self, trial: optuna.Trial, config: Config, tags: dict[str, str],
