@@ -25,7 +25,7 @@ from skinml import packaging, reports
 from skinml.config import Config
 from skinml.data import SPLITS
 from skinml.engine import EpochResult
-from skinml.retry import retry_table_race
+from skinml.retry import retry_create_race
 from skinml.run_store import dataset_name
 from skinml.scoring import ScoredSplit
 
@@ -95,7 +95,9 @@ class RunLog:
                 warnings.filterwarnings("ignore", message=".*(integer column|multiple ways)")
                 dataset = mlflow.data.from_pandas(subset, source=source, targets="label",
                                                   name=dataset_name(name))
-                mlflow.log_input(dataset, context=context)
+                # Trials of workers sharing a store log the same dataset, maybe at once.
+                retry_create_race(lambda d=dataset, c=context: mlflow.log_input(d, context=c),
+                                  f"dataset {dataset.name} ({dataset.digest})")
 
     def log_epoch(self, result: EpochResult) -> None:
         values = {"train_loss": result.train_loss, "val_loss": result.val_loss,
@@ -185,8 +187,8 @@ def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None 
 
 def _open_store() -> None:
     """Touch the tracking store once, so its tables exist before any run starts."""
-    retry_table_race(lambda: MlflowClient().search_experiments(max_results=1),
-                     "the tracking store")
+    retry_create_race(lambda: MlflowClient().search_experiments(max_results=1),
+                      "the tables of the tracking store")
 
 
 def _system_metrics() -> bool:

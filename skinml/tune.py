@@ -30,7 +30,7 @@ from skinml.config import Config, load_config, shipped_or_path
 from skinml.cv import CVHooks, cross_validate
 from skinml.engine import EpochResult
 from skinml.errors import SkinmlError
-from skinml.retry import is_table_race, retry_table_race
+from skinml.retry import is_create_race, retry_create_race
 from skinml.run_store import logged_model_uri
 from skinml.search_space import Dimension, load_search_space
 from skinml.train import PreparedData, RunHooks, prepare_data, train
@@ -148,7 +148,8 @@ def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
             raise SkinmlError(f"--{name} must be one of {', '.join(sorted(registry))}, "
                               f"got {value!r}")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return retry_table_race(lambda: _open_study(options), masked(options.storage), attempts)
+    return retry_create_race(lambda: _open_study(options),
+                             f"the tables of {masked(options.storage)}", attempts)
 
 
 def _open_study(options: TuneOptions) -> optuna.Study:
@@ -167,7 +168,7 @@ def _open_study(options: TuneOptions) -> optuna.Study:
         raise SkinmlError(f"cannot open study {options.study_name!r} at "
                           f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # SQLAlchemy connection errors and the like
-        if type(exc).__module__.startswith("sqlalchemy") and not is_table_race(exc):
+        if type(exc).__module__.startswith("sqlalchemy") and not is_create_race(exc):
             raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
                               f"{str(exc).splitlines()[0]}") from None
         raise
