@@ -98,6 +98,8 @@ def record() -> dict:
     import torch
     from mlflow import MlflowClient
 
+    from skinml.bench import cpu_name
+
     work = tempfile.mkdtemp(prefix="demo-numbers-")
     uri = f"sqlite:///{work}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT))
@@ -115,22 +117,12 @@ def record() -> dict:
         "recorded": date.today().isoformat(),
         # The CPU and its vector unit matter: floating-point differences between kernels
         # grow over 40 epochs into different models (see README, "What tuning ... shows").
-        "machine": f"{_cpu_name()}, {os.cpu_count()} CPU cores, {platform.machine()} "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, {platform.machine()} "
                    f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}",
         "metrics": {k: metrics[k] for k in keep},
         "sample_image": SAMPLE_IMAGE,
         "sample_prediction": {k: v for k, v in prediction.items() if k != "image"},
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import os
+import platform
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -171,8 +172,19 @@ def _take(iterator: Iterator, count: int) -> Iterator:
 
 def machine() -> str:
     device = resolve_device("auto")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
+    return f"{gpu}{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name: numbers measured here only hold on the same kind of CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,62 @@ def bench_serve(model_uri: str, image: Path, url: str, requests: int, batch: int
     return ServeLatency(f"{served.arch}, {served.preprocess.image_size} px",
                         np.array(rest_ms), np.array(local_ms),
                         batch * rounds / (rest_batch / 1000), batch * rounds / (local_batch / 1000))
+
+
+def in_process_rate(model, image: Path, batch: int, rounds: int = 5) -> float:
+    """Images/s of in-process `batch`-image predictions: the served ceiling.
+
+    The fastest of three spells of `rounds` batches, after a pause that lets a server's
+    spinning OpenMP threads go idle: a ceiling lowered by noise would flatter the server.
+    """
+    import base64
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()] * batch})
+    time.sleep(0.5)
+    model.predict(frame)  # warm
+    seconds = min(sum(_milliseconds(lambda _: model.predict(frame), batch)
+                      for _ in range(rounds)) for _ in range(3)) / 1000
+    return batch * rounds / seconds
+
+
+@dataclass(frozen=True)
+class PairedLoads:
+    """Concurrent loads, each next to the in-process batch rate measured just before it.
+
+    On a shared machine the ceiling drifts by 15 % within minutes (639-815 images/s in one
+    afternoon here), so one ceiling against one load says little; each pair's share does.
+    """
+
+    loads: list[ConcurrentLoad]
+    ceilings: list[float]  # in-process images/s just before each load
+
+    @property
+    def shares(self) -> np.ndarray:
+        return np.array([load.per_second for load in self.loads]) / np.array(self.ceilings)
+
+    @property
+    def per_second(self) -> float:
+        return float(np.median([load.per_second for load in self.loads]))
+
+    @property
+    def latencies_ms(self) -> np.ndarray:
+        return np.concatenate([load.latencies_ms for load in self.loads])
+
+    @property
+    def errors(self) -> int:
+        return sum(load.errors for load in self.loads)
+
+
+def bench_paired(model, image: Path, url: str, clients: int, requests: int, batch: int,
+                 repeats: int, v2: bool = False) -> PairedLoads:
+    """`repeats` pairs of (in-process `batch`-image rate, `clients` concurrent clients)."""
+    loads, ceilings = [], []
+    for _ in range(repeats):
+        ceilings.append(in_process_rate(model, image, batch))
+        loads.append(bench_concurrency(image, url, clients, requests, v2=v2))
+    return PairedLoads(loads, ceilings)
 
 
 def _milliseconds(call, rows: int) -> float:

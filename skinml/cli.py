@@ -662,7 +662,9 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
 @click.option("--url", help="A running server [default: start one on a free port].")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Request image [default: one of the bundled sample].")
-@click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5))
+@click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5),
+              help="One-image requests timed one by one; each concurrent load sends at least "
+                   "25 per client (shorter loads measure their own start-up).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--concurrency", default="1,4,16", show_default=True, metavar="N[,N...]",
               help="Concurrent one-image clients to measure (0: skip).")
@@ -670,15 +672,20 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
               help="Server processes, as skinml serve --workers [default: as skinml serve].")
 @click.option("--mlserver", is_flag=True,
               help="Measure MLServer (skinml serve --mlserver); clients use the V2 protocol.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Loads per client count, each held against an in-process batch rate "
+                   "measured just before it (the share's range is over these pairs).")
 def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
-                batch: int, concurrency: str, workers: int | None, mlserver: bool) -> None:
+                batch: int, concurrency: str, workers: int | None, mlserver: bool,
+                repeats: int) -> None:
     """REST latency (p50/p95) vs in-process predict, batch throughput, and throughput
     under concurrent one-image clients."""
     import numpy as np
 
-    from skinml.bench import bench_concurrency, machine
+    from skinml.bench import bench_paired, machine
     from skinml.bench import bench_serve as run
     from skinml.data.metadata import default_data_dir
+    from skinml.packaging import load_model
     from skinml.serving import default_workers, running_server
 
     image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
@@ -689,8 +696,9 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     server = running_server(model_uri, mlserver=mlserver, workers=workers)
     with contextlib.nullcontext(url.rstrip("/")) if url else server as url:
         result = run(model_uri, image, url, count, batch)
-        loads = [bench_concurrency(image, url, n, max(count, 4 * n), v2=mlserver)
-                 for n in clients]
+        model = load_model(model_uri)
+        loads = [bench_paired(model, image, url, n, max(count, 25 * n), batch, repeats,
+                              v2=mlserver) for n in clients]
     rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
     local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
     click.echo(f"machine: {machine()}; model {model_uri} ({result.model}); "
@@ -702,11 +710,13 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
     goal = 1.25 * local50 + 2
     click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x; goal REST p50 <= 1.25x + 2 ms "
                f"= {goal:.1f} ms: {'met' if rest50 <= goal else 'not met'}")
-    for load in loads:
+    for n, load in zip(clients, loads, strict=True):
         p50, p95, p99 = (float(v) for v in np.percentile(load.latencies_ms, [50, 95, 99]))
-        share = load.per_second / result.local_batch_images_per_second
-        click.echo(f"{load.clients:3d} clients  {load.per_second:8.1f} requests/s "
-                   f"({100 * share:.0f}% of in-process {batch}-image batches; goal 70%)  "
+        shares = 100 * load.shares
+        click.echo(f"{n:3d} clients  {load.per_second:8.1f} requests/s "
+                   f"({np.median(shares):.0f}% of in-process {batch}-image batches at "
+                   f"{np.median(load.ceilings):.0f} images/s, "
+                   f"{shares.min():.0f}-{shares.max():.0f}% over {repeats} pair(s); goal 70%)  "
                    f"p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} ms  errors {load.errors}")
 
 
