@@ -58,6 +58,29 @@ def tiny(data_dir: Path, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
+def refused_statements() -> Iterator[list[str]]:
+    """Every statement a database refused meanwhile (first lines), retried or not.
+
+    A run should make none: MLflow inserts the final metrics a second time when the model
+    is logged after them, and the store refuses the duplicates (PostgreSQL's psycopg then
+    warns "pipeline aborted").
+    """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    refused: list[str] = []
+
+    def on_error(context) -> None:
+        refused.append(str(context.original_exception).splitlines()[0])
+
+    event.listen(Engine, "handle_error", on_error)
+    try:
+        yield refused
+    finally:
+        event.remove(Engine, "handle_error", on_error)
+
+
+@contextlib.contextmanager
 def isolated_tracking(folder: Path) -> Iterator[str]:
     """A fresh SQLite tracking store in `folder`, also the working dir (so ./mlruns is there)."""
     with pytest.MonkeyPatch.context() as patch:

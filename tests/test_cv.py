@@ -28,7 +28,7 @@ from skinml.registry import card_file, register_run
 from skinml.run_store import logged_model_uri
 from skinml.serving import DIRECT, running_server
 
-from .conftest import build_folder, isolated_tracking, tiny
+from .conftest import build_folder, isolated_tracking, refused_statements, tiny
 
 DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
 FOLDS = 3
@@ -42,8 +42,10 @@ def cv(tmp_path_factory):
         patch.setenv("SKINML_CACHE", str(root / "cache"))
         folder = build_folder(root / "ham", lesions_per_class=5)
         overrides = tiny(folder, "optim.epochs=1")
-        result = cross_validate(load_config(DEMO, overrides), FOLDS)
-        yield {"uri": uri, "root": root, "overrides": overrides, "result": result}
+        with refused_statements() as refused:
+            result = cross_validate(load_config(DEMO, overrides), FOLDS)
+        yield {"uri": uri, "root": root, "overrides": overrides, "result": result,
+               "refused": refused}
 
 
 def children(parent_id: str) -> list:
@@ -71,6 +73,7 @@ def test_one_parent_run_with_one_nested_training_run_per_fold(cv):
             "split.csv"} <= artifacts
     oof_files = {a.path for a in MlflowClient().list_artifacts(result.run_id, "oof")}
     assert {"oof/confusion_matrix_normalized.png", "oof/classification_report.txt"} <= oof_files
+    assert cv["refused"] == []  # the parent's and folds' models logged before their metrics
 
 
 def test_oof_predictions_cover_every_non_test_image_once_and_give_the_parent_metrics(cv):

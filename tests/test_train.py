@@ -15,8 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 from skinml.config import load_config
 from skinml.data import SplitError
@@ -24,7 +22,7 @@ from skinml.data.cache import cache_root
 from skinml.labels import CLASSES
 from skinml.train import train
 
-from .conftest import tiny, user_run_state
+from .conftest import refused_statements, tiny, user_run_state
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -50,18 +48,8 @@ def metric_steps(run_id: str, key: str) -> list[int]:
 
 
 def test_train_logs_a_complete_run(tracking, small_folder):
-    refused = []  # every statement the tracking store refused, retried or not
-
-    def on_error(context) -> None:
-        refused.append(str(context.original_exception).splitlines()[0])
-
-    event.listen(Engine, "handle_error", on_error)
-    try:
+    with refused_statements() as refused:
         result = train(load_config(DEMO, tiny(small_folder)))
-    finally:
-        event.remove(Engine, "handle_error", on_error)
-    # A model logged after the final metrics made MLflow insert them again (a refused
-    # duplicate per run; on PostgreSQL psycopg warned "pipeline aborted").
     assert refused == []
     client = mlflow.MlflowClient()
     run = client.get_run(result.run_id)
