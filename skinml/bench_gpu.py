@@ -310,6 +310,7 @@ def _resume(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
 
 def _serve(plan: Plan, data_dir: Path, shared: dict) -> Row:
     from skinml.bench import bench_serve
+    from skinml.packaging import load_model
     from skinml.serving import running_server
 
     if "model_uri" not in shared:
@@ -317,7 +318,7 @@ def _serve(plan: Plan, data_dir: Path, shared: dict) -> Row:
     image = next(iter(sorted(data_dir.glob("*.jpg"))))
     model_uri = str(shared["model_uri"])
     with running_server(model_uri) as url:
-        result = bench_serve(model_uri, image, url, plan.serve_requests, 64)
+        result = bench_serve(load_model(model_uri), image, url, plan.serve_requests, 64)
     rest50, local50 = float(np.median(result.rest_ms)), float(np.median(result.local_ms))
     return Row("", figure=f"{result.local_batch_images_per_second:,.0f} img/s in-process "
                           "(64-image requests)",

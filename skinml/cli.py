@@ -695,8 +695,8 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
             "a server of your own" if url else f"mlflow models serve, {workers} worker(s)")
     server = running_server(model_uri, mlserver=mlserver, workers=workers)
     with contextlib.nullcontext(url.rstrip("/")) if url else server as url:
-        result = run(model_uri, image, url, count, batch)
         model = load_model(model_uri)
+        result = run(model, image, url, count, batch)
         loads = [bench_paired(model, image, url, n, max(count, 25 * n), batch, repeats,
                               v2=mlserver) for n in clients]
     rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))

@@ -288,7 +288,8 @@ class _Objective:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
 
         try:
-            run_id, value, test = self._run(trial, config, tags, on_run_start)
+            run_id, value, test = _fit(config, self.options, self.data, tags, trial,
+                                       on_run_start)
             trial.set_user_attr("test_balanced_accuracy", test)  # fails if declared dead
         except optuna.TrialPruned:
             if started:
@@ -300,19 +301,6 @@ class _Objective:
             raise
         tracking.mark_trial(run_id, "COMPLETE")
         return value
-
-    def _run(self, trial: optuna.Trial, config: Config, tags: dict[str, str],
-             on_run_start) -> tuple[str, float, float]:
-        """Train the trial's config: (run id, objective value, test balanced accuracy)."""
-        if self.options.objective == "cv":
-            result = cross_validate(config, self.options.folds, data=self.data, hooks=CVHooks(
-                nested=True, tags=tags, on_run_start=on_run_start,
-                on_fold_end=_fold_reporter(trial, self.options.folds)))
-            return result.run_id, result.fold_mean, result.test["balanced_accuracy"]
-        result = train(config, data=self.data, hooks=RunHooks(
-            nested=True, tags=tags, on_epoch_end=_reporter(trial, config),
-            on_run_start=on_run_start))
-        return result.run_id, result.val_balanced_accuracy, result.test["balanced_accuracy"]
 
     def wait_for_room(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
         """After a trial: ask for another only if running trials leave room below n_trials.
@@ -380,6 +368,21 @@ def _reporter(trial: optuna.Trial, config: Config):
         if result.epoch < config.optim.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
     return report
+
+
+def _fit(config: Config, options: TuneOptions, data: PreparedData, tags: dict[str, str],
+         trial: optuna.Trial | None = None, on_run_start=None) -> tuple[str, float, float]:
+    """Train `config` as a nested run the objective's way (one split, or a cross-validation);
+    a `trial` gets its reports and may be pruned. (run id, value, test balanced accuracy)."""
+    if options.objective == "cv":
+        result = cross_validate(config, options.folds, data=data, hooks=CVHooks(
+            nested=True, tags=tags, on_run_start=on_run_start,
+            on_fold_end=_fold_reporter(trial, options.folds) if trial else None))
+        return result.run_id, result.fold_mean, result.test["balanced_accuracy"]
+    result = train(config, data=data, hooks=RunHooks(
+        nested=True, tags=tags, on_epoch_end=_reporter(trial, config) if trial else None,
+        on_run_start=on_run_start))
+    return result.run_id, result.val_balanced_accuracy, result.test["balanced_accuracy"]
 
 
 def _fold_reporter(trial: optuna.Trial, folds: int):
@@ -454,10 +457,7 @@ def _baseline_run(options: TuneOptions, base: Config, data: PreparedData) -> str
     runtime = dataclasses.replace(base.runtime, run_name=f"{options.study_name}-baseline")
     config = dataclasses.replace(base, runtime=runtime)
     tags = {tracking.ROLE_TAG: BASELINE_ROLE, "optuna.study_name": options.study_name}
-    if options.objective == "cv":
-        return cross_validate(config, options.folds, data=data,
-                              hooks=CVHooks(nested=True, tags=tags)).run_id
-    return train(config, data=data, hooks=RunHooks(nested=True, tags=tags)).run_id
+    return _fit(config, options, data, tags)[0]
 
 
 def _pruned_epochs_saved(study: optuna.Study, options: TuneOptions, budget: int) -> int:
