@@ -58,6 +58,7 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
     (["cv", "--folds", "x"], "'x' is not a whole number"),
     (["serve", "--mlserver", "--timeout", "5"], "is for mlflow models serve, not MLServer"),
     (["serve", "--mlserver", "--workers", "2"], "is for mlflow models serve, not MLServer"),
+    (["bench", "serve", "--repeats", "0"], "0 is not in the range x>=1"),
 ])
 def test_option_mistakes_of_cv_and_serve_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)
