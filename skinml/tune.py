@@ -4,7 +4,8 @@ One parent run per worker process, one child run per trial (with `objective="cv"
 cross-validation parent with its folds nested below it). Many workers (processes or
 machines) share one study through its storage: `n_trials` is the study's total of
 COMPLETE trials, and a worker whose trial would exceed it waits for a running trial to
-finish (or to be failed by the heartbeat and retried) instead of starting a surplus one.
+finish (or to be failed by the heartbeat and retried, or for its own --timeout) instead of
+starting a surplus one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 
 from skinml import compare, reports, tracking
@@ -152,9 +156,32 @@ def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
                              f"the tables of {masked(options.storage)}", attempts)
 
 
+class _Storage(RDBStorage):
+    """Optuna's RDB storage, where a RUNNING trial that never beat also goes stale.
+
+    Optuna fails only trials whose last heartbeat is old, and skips trials with none. A
+    worker killed between creating its trial (`ask`) and the heartbeat thread's first beat
+    leaves that trial RUNNING for ever, and the other workers, which count it as running,
+    wait for it for ever. A live worker beats at once after `ask`, so a trial started over
+    the grace period ago that has still never beaten is dead.
+    """
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        started_before = datetime.now() - timedelta(seconds=grace)
+        with _create_scoped_session(self.scoped_session) as session:
+            never_beat = session.query(models.TrialModel).filter(
+                models.TrialModel.study_id == study_id,
+                models.TrialModel.state == TrialState.RUNNING,
+                ~models.TrialModel.heartbeats.any()).all()
+            return stale + [trial.trial_id for trial in never_beat
+                            if trial.datetime_start and trial.datetime_start < started_before]
+
+
 def _open_study(options: TuneOptions) -> optuna.Study:
     try:
-        storage = RDBStorage(
+        storage = _Storage(
             options.storage, heartbeat_interval=options.heartbeat_interval,
             grace_period=options.grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
@@ -218,6 +245,8 @@ def _optimize(study: optuna.Study, objective: _Objective, options: TuneOptions) 
     so instead, and this worker takes the next trial.
     """
     started = time.monotonic()
+    if options.timeout is not None:
+        objective.deadline = started + options.timeout
     while True:
         timeout = (None if options.timeout is None
                    else max(0.0, options.timeout - (time.monotonic() - started)))
@@ -264,6 +293,7 @@ class _Objective:
                  space: tuple[Dimension, ...], data: PreparedData) -> None:
         self.study, self.options, self.space, self.data = study, options, space, data
         self.declared_dead: int | None = None  # this worker's trial that another one failed
+        self.deadline: float | None = None  # time.monotonic() at which --timeout runs out
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -306,11 +336,12 @@ class _Objective:
         """After a trial: ask for another only if running trials leave room below n_trials.
 
         If other workers' running trials would complete the study, wait for them: they
-        finish (stop here) or die and are retried (then there is room again).
+        finish (stop here) or die and are retried (then there is room again), or this
+        worker's --timeout runs out (stop here).
         """
         while True:
             complete, running = self._counts(before=None)
-            if complete >= self.options.n_trials:
+            if complete >= self.options.n_trials or self._out_of_time():
                 study.stop()
                 return
             if complete + running < self.options.n_trials:
@@ -324,10 +355,12 @@ class _Objective:
         """
         while True:
             complete, ahead = self._counts(before=trial.number)
-            if complete >= self.options.n_trials:
+            if complete >= self.options.n_trials or self._out_of_time():
                 trial.set_user_attr("skinml.surplus", True)
                 self.study.stop()
-                raise optuna.TrialPruned("the study reached its number of trials")
+                raise optuna.TrialPruned("the study reached its number of trials"
+                                         if complete >= self.options.n_trials
+                                         else "this worker's --timeout ran out")
             if complete + ahead < self.options.n_trials:
                 return
             self._pause()
@@ -340,6 +373,10 @@ class _Objective:
         running = sum(t.state == TrialState.RUNNING and (before is None or t.number < before)
                       for t in trials)
         return complete, running
+
+    def _out_of_time(self) -> bool:
+        """The worker's --timeout bounds its waits for other workers' trials too."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def _pause(self) -> None:
         time.sleep(min(5.0, max(0.5, self.options.heartbeat_interval / 2)))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -333,3 +334,62 @@ def test_a_study_whose_trials_are_all_pruned_stops_at_max_trials(tracking, tmp_p
     assert metrics["trials_pruned"] == 3
     assert metrics["pruned_epochs_saved"] == 3  # each stopped after epoch 1 of 2
     assert mlflow.get_run(parent.info.run_id).data.params["tune.max_trials"] == "3"
+
+
+def tune_in_thread(opts: TuneOptions, within: float):
+    """`tune(opts)`, failing the test if it has not returned `within` seconds later (the
+    thread is a daemon, so a study that waits for ever does not hold the test run)."""
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(tune(opts)), daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"the study was still waiting after {within:.0f} s"
+    assert outcome, "tune raised (see the thread's traceback above)"
+    return outcome[0]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # our ask() stands in for a worker
+def test_a_trial_that_never_beat_is_failed_and_the_study_still_ends(tracking, tmp_path,
+                                                                    synthetic):
+    """A worker killed between `ask` and its first heartbeat leaves a RUNNING trial without
+    one; Optuna never fails such a trial, and the study, counting it, used to wait for it."""
+    opts = options(tmp_path, synthetic, n_trials=2, study_name="ghost",
+                   heartbeat_interval=1, grace_period=2)
+    ghost = open_study(opts).ask()  # what the killed worker left: RUNNING, no heartbeat
+    result = tune_in_thread(opts, within=240)
+    assert result.counts["COMPLETE"] == 2
+    trials = optuna.load_study(study_name="ghost", storage=opts.storage).get_trials()
+    assert trials[ghost.number].state == TrialState.FAIL
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # our ask() stands in for a worker
+def test_a_worker_out_of_time_stops_waiting_for_another_workers_trial(tracking, tmp_path,
+                                                                      synthetic):
+    """--timeout bounds a worker's wait for a slot too, not only its own trials."""
+    opts = options(tmp_path, synthetic, n_trials=1, study_name="busy", timeout=3,
+                   heartbeat_interval=1, grace_period=60)
+    study = open_study(opts)
+    live = study.ask()  # another worker's trial, alive: its heartbeat goes on
+    storage = optuna.storages.RDBStorage(opts.storage)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name("busy"), live.number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial_id)
+            stop.wait(0.5)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        result = tune_in_thread(opts, within=120)
+    finally:
+        stop.set()
+        beating.join()
+    assert result.counts["COMPLETE"] == 0
+    trials = optuna.load_study(study_name="busy", storage=opts.storage).get_trials()
+    assert trials[live.number].state == TrialState.RUNNING  # the other worker's, untouched
+    waited = [t for t in trials if t.number != live.number]
+    assert len(waited) == 1 and waited[0].state == TrialState.PRUNED
+    assert waited[0].user_attrs["skinml.surplus"] is True
