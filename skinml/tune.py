@@ -244,15 +244,12 @@ def _optimize(study: optuna.Study, objective: _Objective, options: TuneOptions) 
     ends this worker with "Cannot tell a FAIL trial" (optuna/optuna#5470). One line says
     so instead, and this worker takes the next trial.
     """
-    started = time.monotonic()
     if options.timeout is not None:
-        objective.deadline = started + options.timeout
+        objective.deadline = time.monotonic() + options.timeout
     while True:
-        timeout = (None if options.timeout is None
-                   else max(0.0, options.timeout - (time.monotonic() - started)))
         try:
             with _quiet_about(objective):
-                study.optimize(objective, n_trials=None, timeout=timeout,
+                study.optimize(objective, n_trials=None, timeout=objective.seconds_left(),
                                gc_after_trial=True, catch=(SkinmlError,),
                                callbacks=[optuna.study.MaxTrialsCallback(
                                    options.n_trials, states=(TrialState.COMPLETE,)),
@@ -355,11 +352,11 @@ class _Objective:
         """
         while True:
             complete, ahead = self._counts(before=trial.number)
-            if complete >= self.options.n_trials or self._out_of_time():
+            reached = complete >= self.options.n_trials
+            if reached or self._out_of_time():
                 trial.set_user_attr("skinml.surplus", True)
                 self.study.stop()
-                raise optuna.TrialPruned("the study reached its number of trials"
-                                         if complete >= self.options.n_trials
+                raise optuna.TrialPruned("the study reached its number of trials" if reached
                                          else "this worker's --timeout ran out")
             if complete + ahead < self.options.n_trials:
                 return
@@ -374,9 +371,13 @@ class _Objective:
                       for t in trials)
         return complete, running
 
+    def seconds_left(self) -> float | None:
+        """What is left of this worker's --timeout (None: no timeout)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def _out_of_time(self) -> bool:
         """The worker's --timeout bounds its waits for other workers' trials too."""
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.seconds_left() == 0.0
 
     def _pause(self) -> None:
         time.sleep(min(5.0, max(0.5, self.options.heartbeat_interval / 2)))
