@@ -1,12 +1,12 @@
-"""Record what the main job gives, for README and the demo config to quote.
+"""Record what the main job gives, for the docs and the demo config to quote.
 
     python scripts/demo_numbers.py          # trains the demo (about 2 minutes on 2 cores)
 
 Runs the main job's training (`skinml train`, the shipped demo config, the bundled sample)
-in a temporary tracking store, predicts README's sample image with the logged model, and
+in a temporary tracking store, predicts the docs' sample image with the logged model, and
 writes `benchmarks/demo-numbers.json` with a digest of the code and data that produced it.
 `tests/test_demo_numbers.py` fails when that digest no longer matches the code (run this
-again) or when README or demo.yaml quote other numbers than the record.
+again) or when docs/registry-and-serving.md or demo.yaml quote other numbers than the record.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "benchmarks" / "demo-numbers.json"
 SAMPLE_IMAGE = "skinml/sample/ISIC_0024336.jpg"
 # What the numbers depend on besides the Python code: the config and the bundled images.
-INPUTS = ("skinml/configs/demo.yaml", "skinml/sample")
+INPUTS = ("skinml/core/configs/demo.yaml", "skinml/sample")
 
 
 def _skinml_imports(path: Path) -> set[str]:
@@ -56,7 +56,8 @@ def _module_file(name: str) -> Path | None:
 
 def training_sources() -> list[Path]:
     """Every skinml source file that `skinml train` and the served model can reach."""
-    todo, seen = ["skinml.train", "skinml.packaging", "skinml.pyfunc_entry"], set()
+    todo = ["skinml.workflows.train", "skinml.tracking.pyfunc", "skinml.tracking.pyfunc_entry"]
+    seen: set[Path] = set()
     while todo:
         path = _module_file(todo.pop())
         if path is None or path in seen:
@@ -98,7 +99,7 @@ def record() -> dict:
     import torch
     from mlflow import MlflowClient
 
-    from skinml.bench import cpu_name
+    from skinml.bench.throughput import cpu_name
 
     work = tempfile.mkdtemp(prefix="demo-numbers-")
     uri = f"sqlite:///{work}/mlflow.db"
@@ -116,7 +117,7 @@ def record() -> dict:
         "code_digest": code_digest(),
         "recorded": date.today().isoformat(),
         # The CPU and its vector unit matter: floating-point differences between kernels
-        # grow over 40 epochs into different models (see README, "What tuning ... shows").
+        # grow over 40 epochs into different models (see docs/tuning.md, "What tuning ... shows").
         "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, {platform.machine()} "
                    f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}",
         "metrics": {k: metrics[k] for k in keep},

@@ -1,4 +1,9 @@
-"""Shared fixtures: small HAM10000 folders built from the bundled real sample."""
+"""Shared fixtures and factories: small HAM10000 folders from the bundled real sample,
+isolated tracking stores, trained demo runs in them, a served model, the PostgreSQL server.
+
+Test modules import the plain helpers (`DEMO`, `tiny`, `trained_store`, ...) from here and
+use the fixtures by name; nothing here is copied into a test module.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,54 @@ import os
 # this). Set before torch is imported anywhere in the test process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import contextlib  # noqa: E402
+import base64  # noqa: E402
+import collections
+import contextlib
+import json
 import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
 import pytest
+from matplotlib import pyplot as plt
 
 from skinml.data.metadata import METADATA_FILE, default_data_dir
 
+if TYPE_CHECKING:  # the factories import torch and the workflows when first used: the
+    # controller process of pytest-xdist loads this file and never trains
+    from skinml.workflows.registry import Registration
+    from skinml.workflows.train import TrainResult
+
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 FULL_METADATA = FIXTURES / "HAM10000_metadata_full.csv"
-REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+SEARCH_SPACE = REPO / "experiments" / "search_space.yaml"
+SAMPLE_IMAGES = sorted(default_data_dir().glob("*.jpg"))
+NAME = "skin-lesion-classifier"  # the registered model's default name
 # What a user's own runs leave in the project folder (README's main job writes the first two).
 USER_RUN_STATE = ("mlflow.db", "mlruns", "optuna.db", "mlartifacts")
 
+
+def tiny(data_dir: Path | None, *extra: str) -> list[str]:
+    """Config overrides for a fast CPU run: 32 px, the small ResNeXt, 2 epochs (on
+    `data_dir`, or the bundled sample when None)."""
+    folder = [f"data.dir={data_dir}"] if data_dir is not None else []
+    return [*folder, "data.cache_size=40", "model.arch=resnext_small", "model.image_size=32",
+            "optim.epochs=2", "optim.batch_size=16", "optim.warmup_epochs=0.5",
+            "runtime.progress=false", "runtime.bootstrap=50", *extra]
+
+
+# --- the user's own runs, and isolated stores ------------------------------------------
 
 def user_run_state() -> dict[str, tuple[int, int]]:
     """Size and mtime of every file a user's runs left in the project folder."""
@@ -48,13 +83,6 @@ def _user_runs_untouched() -> Iterator[None]:
     yield
     changed = sorted(set(before.items()) ^ set(user_run_state().items()))
     assert not changed, f"tests changed the user's runs in {REPO}: {changed[:5]}"
-
-
-def tiny(data_dir: Path, *extra: str) -> list[str]:
-    """Config overrides for a fast CPU run: 32 px, the small ResNeXt, 2 epochs."""
-    return [f"data.dir={data_dir}", "data.cache_size=40", "model.arch=resnext_small",
-            "model.image_size=32", "optim.epochs=2", "optim.batch_size=16",
-            "optim.warmup_epochs=0.5", "runtime.progress=false", "runtime.bootstrap=50", *extra]
 
 
 @contextlib.contextmanager
@@ -104,31 +132,26 @@ def tracking(tmp_path: Path) -> Iterator[str]:
         yield uri
 
 
-PG = "postgresql://postgres@127.0.0.1:5432"
-
-
-@pytest.fixture
-def postgres() -> Iterator[list[str]]:
-    """Two fresh databases on the PostgreSQL at 127.0.0.1:5432, dropped afterwards."""
-    import psycopg
-
-    names = [f"skinml_test_{uuid.uuid4().hex[:10]}" for _ in range(2)]
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
-                         autocommit=True) as admin:
-        for name in names:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield [f"{PG}/{name}" for name in names]
-        finally:
-            for name in names:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """No test writes to ~/.cache: each gets its own SKINML_CACHE."""
     monkeypatch.setenv("SKINML_CACHE", str(tmp_path_factory.mktemp("cache")))
 
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    """Figures a test drew are closed after it (matplotlib keeps them all otherwise)."""
+    yield
+    plt.close("all")
+
+
+def fits_inside(inner, outer) -> bool:
+    """Whether a drawn bounding box lies within another (half a pixel of slack)."""
+    return (inner.x0 >= outer.x0 - 0.5 and inner.x1 <= outer.x1 + 0.5
+            and inner.y0 >= outer.y0 - 0.5 and inner.y1 <= outer.y1 + 0.5)
+
+
+# --- folders -------------------------------------------------------------------------
 
 def build_folder(root: Path, layout: str = "flat", lesions_per_class: int = 3) -> Path:
     """A small real HAM10000 folder: the first `lesions_per_class` whole lesions of each class.
@@ -159,3 +182,229 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
         return build_folder(tmp_path / name, layout, lesions_per_class)
 
     return make
+
+
+def b64(path: Path) -> str:
+    """A file's bytes as the served model's `image` column holds them."""
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def image_frame(paths: Sequence[Path]) -> pd.DataFrame:
+    """The served model's input for image files."""
+    return pd.DataFrame({"image": [b64(path) for path in paths]})
+
+
+def post_json(url: str, payload=None, raw: bytes | None = None) -> tuple[int, dict]:
+    """POST JSON (or `raw` bytes) to a local server: (status, the JSON answer)."""
+    from skinml.serving.server import DIRECT
+
+    body = raw if raw is not None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with DIRECT.open(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        text = error.read()
+        try:
+            return error.code, json.loads(text or b"{}")
+        except json.JSONDecodeError:  # MLflow's 504 is plain text
+            return error.code, {"message": text.decode()}
+
+
+# The official ISIC 2018 scorer, run as its command line (it still calls pandas' applymap).
+ISIC_SCORER = ("import pandas; pandas.DataFrame.applymap = pandas.DataFrame.map; "
+               "from isic_challenge_scoring.__main__ import cli; cli()")
+
+
+# --- the skinml command ----------------------------------------------------------------
+
+def skinml(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real `skinml` entry point in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+def skinml_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in this process, for commands that must stop with one `error:` line before
+    doing any work (no new interpreter to start: these tests stay fast)."""
+    from click.testing import CliRunner
+
+    from skinml.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+# --- trained runs in an isolated store -------------------------------------------------
+
+@dataclass
+class Store:
+    """A tracking store in `root` with trained runs (and what was registered from them)."""
+
+    uri: str
+    root: Path
+    folder: Path | None  # the data they trained on (None: the bundled sample)
+    runs: list[TrainResult]
+    registrations: list[Registration] = field(default_factory=list)
+
+    @property
+    def ranked(self) -> list[TrainResult]:
+        """The runs, the best validation score first (as selection reads them)."""
+        return sorted(self.runs, key=lambda r: -r.val_balanced_accuracy)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[str]:
+        """This store as the process's tracking store, its root as the working dir."""
+        with isolated_tracking(self.root) as uri:
+            yield uri
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        """`skinml ...` in a fresh interpreter, tracking into this store."""
+        return skinml(*args, cwd=self.root, timeout=timeout,
+                      env={"MLFLOW_TRACKING_URI": self.uri, **(env or {})})
+
+    def cli_in_process(self, *args: str) -> subprocess.CompletedProcess:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(self.root)
+            patch.setenv("MLFLOW_TRACKING_URI", self.uri)
+            return skinml_in_process(*args)
+
+
+@contextlib.contextmanager
+def trained_store(root: Path, runs: Sequence[Sequence[str]], lesions_per_class: int | None = 5,
+                  register_best: bool = False) -> Iterator[Store]:
+    """A fresh store in `root` with one tiny training run per overrides list, on a real
+    folder of `lesions_per_class` lesions per class (None: the bundled sample); with
+    `register_best` the run with the best validation score is registered (champion)."""
+    from skinml.training.choices import load_run_config
+    from skinml.workflows.registry import register_run
+    from skinml.workflows.train import train
+
+    with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(root / "cache"))
+        folder = (build_folder(root / "ham", lesions_per_class=lesions_per_class)
+                  if lesions_per_class else None)
+        store = Store(uri, root, folder,
+                      [train(load_run_config(DEMO, tiny(folder, *extra))) for extra in runs])
+        if register_best:
+            store.registrations.append(register_run(store.ranked[0].run_id))
+        yield store
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Two tiny runs (seeds 0 and 1) on one split of a 5-lesions-per-class folder, the one
+    with the better validation score registered as champion.
+
+    Trained once per test process and shared by its modules: a test may register further
+    versions (the gate keeps an equal model out) and log runs into other experiments; it
+    never moves the champion or trains into `skin-lesion`. Use it through `demo`.
+    """
+    with trained_store(tmp_path_factory.mktemp("demo-store"),
+                       [["runtime.seed=0"], ["runtime.seed=1"]], register_best=True) as store:
+        pass
+    return store
+
+
+@pytest.fixture
+def demo(demo_store: Store) -> Iterator[Store]:
+    """The shared demo store, active (tracking URI and working dir) for one test."""
+    with demo_store.active():
+        yield demo_store
+
+
+@contextlib.contextmanager
+def served(model_uri: str, store: Store, **options) -> Iterator[str]:
+    """`mlflow models serve` (or, with mlserver=True, MLServer) of `model_uri` from `store`
+    on a free 127.0.0.1 port; yields its URL and stops the server by PID."""
+    from skinml.serving.ports import free_port
+    from skinml.serving.server import start_server, stop_server, wait_ready
+
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store.uri)
+        process = start_server(model_uri, port, log_path=store.root / f"server-{port}.log",
+                               **options)
+    try:
+        wait_ready(process, port, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="session")
+def champion_server(demo_store: Store) -> Iterator[str]:
+    """`mlflow models serve` of the demo store's champion."""
+    with served(f"models:/{NAME}@champion", demo_store) as url:
+        yield url
+
+
+# --- markers ---------------------------------------------------------------------------
+
+def cuda_test(function: Callable) -> Callable:
+    """Marked `gpu`, and skipped with the reason on a machine without CUDA."""
+    import torch
+
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                    reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
+    return pytest.mark.gpu(needs_cuda(function))
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture
+def postgres() -> Iterator[list[str]]:
+    """Two fresh databases on the PostgreSQL at 127.0.0.1:5432, dropped afterwards; the test
+    is skipped, with the reason, when no server answers there."""
+    import psycopg
+
+    names = [f"skinml_test_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    try:
+        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                                autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 ({str(exc).strip().splitlines()[0]})")
+    with admin:
+        for name in names:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield [f"{PG}/{name}" for name in names]
+        finally:
+            for name in names:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+SHARED_STORE = ("demo", "demo_store", "champion_server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers and scheduling, from the fixtures and markers of each test.
+
+    Tests that use the PostgreSQL server are marked `postgres`. pytest-xdist runs one
+    module per worker (`--dist loadgroup`, each module its own group), so a module's
+    fixtures are built once; the modules that use the shared demo store form one group, so
+    the store is trained, and its champion served, once per test run. The groups with the
+    most slow tests go first, so the two workers finish together instead of one waiting for
+    a long module handed out last.
+    """
+    groups: dict[pytest.Item, str] = {}
+    shared = {item.module.__name__ for item in items
+              if set(SHARED_STORE) & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        if "postgres" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+        module = item.module.__name__
+        groups[item] = "demo-store" if module in shared else module
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    slow = collections.Counter(groups[item] for item in items
+                               if item.get_closest_marker("slow"))
+    first_seen = {group: i for i, group in reversed(list(enumerate(groups.values())))}
+    items.sort(key=lambda item: (-slow[groups[item]], first_seen[groups[item]]))

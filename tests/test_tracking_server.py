@@ -12,21 +12,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from skinml.config import load_config
-from skinml.registry import CHAMPION, register_run
-from skinml.serving import DIRECT, free_port, start_server, stop_server, wait_ready
-from skinml.train import train
-from skinml.tune import TuneOptions, tune
+from skinml.serving.ports import free_port
+from skinml.serving.server import DIRECT, start_server, stop_server, wait_ready
+from skinml.training.choices import load_run_config
+from skinml.workflows.registry import CHAMPION, register_run
+from skinml.workflows.train import train
+from skinml.workflows.tuning.options import TuneOptions
+from skinml.workflows.tuning.study import tune
 
-from .conftest import tiny
+from .conftest import DEMO, REPO, tiny
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "demo.yaml"
+pytestmark = pytest.mark.slow  # a tracking server, a model server and a study: ~40 s
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def tracking_server(tmp_path, postgres, monkeypatch):
 
 def test_train_register_serve_and_tune_through_the_server(tracking_server, make_folder):
     folder = make_folder("ham", lesions_per_class=5)
-    result = train(load_config(DEMO, tiny(folder)))
+    result = train(load_run_config(DEMO, tiny(folder)))
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server

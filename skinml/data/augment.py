@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from skinml.config import AugmentConfig
+from skinml.core.config import AugmentConfig
+from skinml.core.labels import NUM_CLASSES
 from skinml.data.preprocess import Normalize, resize_shorter, to_float
-from skinml.labels import NUM_CLASSES
 
 
 class TrainAugment(nn.Module):

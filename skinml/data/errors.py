@@ -1,6 +1,6 @@
 """Typed errors for HAM10000 folders, each raised with one sentence naming the culprit."""
 
-from skinml.errors import SkinmlError
+from skinml.core.errors import SkinmlError
 
 
 class DataError(SkinmlError):

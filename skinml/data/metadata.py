@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from skinml.core.errors import first_line
+from skinml.core.labels import CLASS_INDEX, CLASSES
 from skinml.data.errors import (
     DataDirNotFoundError,
     DuplicateImageIdError,
@@ -18,8 +20,6 @@ from skinml.data.errors import (
     NoImagesError,
     UnknownDiagnosisError,
 )
-from skinml.errors import first_line
-from skinml.labels import CLASS_INDEX, CLASSES
 
 log = logging.getLogger(__name__)
 

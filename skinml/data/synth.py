@@ -19,9 +19,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from skinml.core.labels import CLASSES
 from skinml.data.errors import DataError
 from skinml.data.metadata import METADATA_FILE
-from skinml.labels import CLASSES
 
 # Images per class in HAM10000 (10,015 in all).
 HAM10000_IMAGES = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113,

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from skinml.config import AugmentConfig
+from skinml.core.config import AugmentConfig
 from skinml.data.augment import TrainAugment
 from skinml.data.preprocess import EvalTransform
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from skinml.core.labels import CLASS_INDEX, CLASSES
 from skinml.data import (
     DataDirNotFoundError,
     DuplicateImageIdError,
@@ -22,13 +21,8 @@ from skinml.data import (
     load_ham10000,
 )
 from skinml.data.metadata import COLUMNS, METADATA_FILE
-from skinml.labels import CLASS_INDEX, CLASSES
 
-
-def skinml_cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the real `skinml` entry point in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "skinml", *args], capture_output=True,
-                          text=True, timeout=120)
+from ..conftest import skinml
 
 
 @pytest.mark.parametrize("layout", ["flat", "parts"])
@@ -149,7 +143,7 @@ def test_bad_folder_raises_a_typed_one_line_error(make_folder, case):
 def test_bad_folder_exits_2_from_the_cli_with_one_line(make_folder, case):
     breaker, _, message = BAD_FOLDERS[case]
     root = breaker(make_folder())
-    result = skinml_cli("data", "check", str(root))
+    result = skinml("data", "check", str(root))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr
@@ -178,7 +172,7 @@ def test_allow_missing_drops_rows_with_a_warning(make_folder, caplog):
 
 def test_allow_missing_from_the_cli(make_folder):
     root = _two_missing_images(make_folder())
-    result = skinml_cli("data", "check", str(root), "--allow-missing")
+    result = skinml("data", "check", str(root), "--allow-missing")
     assert result.returncode == 0, result.stderr
     assert "images           36 (missing 2" in result.stdout
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from skinml.core.labels import CLASSES
 from skinml.data import SPLITS, SplitError, assert_no_leakage, load_ham10000, split_by_lesion
 from skinml.data.split import assign_folds, fold_split
-from skinml.labels import CLASSES
 
 from ..conftest import FULL_METADATA
 

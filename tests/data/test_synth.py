@@ -11,10 +11,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
+from skinml.core.labels import CLASSES
 from skinml.data import DataError, load_ham10000, split_by_lesion
-from skinml.labels import CLASSES
 
-from .test_metadata import skinml_cli
+from ..conftest import skinml
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_same_seed_same_folder(tmp_path):
 
 def test_parts_layout_from_the_cli(tmp_path):
     out = tmp_path / "parts"
-    result = skinml_cli("data", "synth", str(out), "--n", "40", "--width", "32",
+    result = skinml("data", "synth", str(out), "--n", "40", "--width", "32",
                         "--height", "24", "--layout", "parts")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
@@ -76,7 +76,7 @@ def test_synth_refuses_a_non_empty_folder_and_tiny_n(tmp_path):
     with pytest.raises(DataError, match="not an empty folder"):
         write_synthetic(tmp_path / "busy", 30)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
-    result = skinml_cli("data", "synth", str(tmp_path / "x"), "--n", "5")
+    result = skinml("data", "synth", str(tmp_path / "x"), "--n", "5")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --n must be at least 21 (three images per class), got 5"
     assert not (tmp_path / "x").exists()

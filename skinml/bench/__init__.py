@@ -1,0 +1,1 @@
+"""Benchmarks: loader, training step and serving throughput, and `skinml bench gpu`."""

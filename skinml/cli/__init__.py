@@ -1,0 +1,5 @@
+"""The `skinml` command line (click), one module per command group."""
+
+from skinml.cli.main import main
+
+__all__ = ["main"]

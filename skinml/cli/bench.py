@@ -1,0 +1,204 @@
+"""`skinml bench`: loader, training-step, serving and whole-GPU-path benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from skinml.cli.options import blank_is_none
+
+
+@click.group()
+def bench() -> None:
+    """Measure the input pipeline and training throughput on this machine."""
+
+
+_BENCH_CONFIG = click.option(
+    "--config", "config_path", help="YAML config or a shipped name [default: ham10000 on a "
+    "CUDA machine (ResNeXt-50, 224 px), demo elsewhere (minutes, not hours, on a CPU)].")
+_BENCH_SETS = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                           help="Config overrides, e.g. --set model.image_size=128.")
+_BENCH_DATA = click.option("--data-dir", callback=blank_is_none,
+                           help="HAM10000 folder [default: the bundled sample].")
+
+
+def _bench_config(config_path: str | None, data_dir: str | None, sets: tuple[str, ...]):
+    import torch
+
+    from skinml.training.choices import load_run_config
+
+    config_path = config_path or ("ham10000" if torch.cuda.is_available() else "demo")
+    # Benchmarks never download weights: throughput does not depend on them.
+    items = ["model.pretrained=false", "runtime.progress=false", *sets]
+    if data_dir:
+        items.append(f"data.dir={data_dir}")
+    return load_run_config(config_path, items)
+
+
+@bench.command("loader")
+@_BENCH_CONFIG
+@_BENCH_DATA
+@_BENCH_SETS
+@click.option("--batches", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=os.cpu_count() or 1, show_default=True,
+              type=click.IntRange(min=0), help="DataLoader workers for the seed's path.")
+def bench_loader(config_path: str | None, data_dir: str | None, sets: tuple[str, ...], batches: int,
+                 workers: int) -> None:
+    """Images/s delivered (decoded, augmented, batched): ours vs the seed's per-image path."""
+    from skinml.bench.throughput import bench_loader as run
+    from skinml.bench.throughput import machine
+
+    config = _bench_config(config_path, data_dir, sets)
+    click.echo(f"measuring {batches} batches of {config.optim.batch_size} at "
+               f"{config.model.image_size} px, ours then the seed path ({workers} workers)",
+               err=True)
+    ours, seed = run(config, batches, workers)
+    click.echo(f"machine: {machine()}; {config.model.image_size} px, batch "
+               f"{config.optim.batch_size}, {batches} batches")
+    for result in (ours, seed):
+        click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
+    click.echo(f"ratio: {ours.per_second / seed.per_second:.1f}x (target >= 20x)")
+
+
+@bench.command("train")
+@_BENCH_CONFIG
+@_BENCH_DATA
+@_BENCH_SETS
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1))
+def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, ...],
+                steps: int) -> None:
+    """Training images/s end to end vs the same model fed from tensors on the device."""
+    from skinml.bench.throughput import bench_train as run
+    from skinml.bench.throughput import machine
+
+    config = _bench_config(config_path, data_dir, sets)
+    click.echo(f"measuring {steps} steps of {config.model.arch} at {config.model.image_size} px"
+               f"{', compiling first' if config.runtime.compile else ''}", err=True)
+    result = run(config, steps)
+    end_to_end, ceiling = result.end_to_end, result.ceiling
+    click.echo(f"machine: {machine()}; {config.model.arch}, {config.model.image_size} px, "
+               f"batch {config.optim.batch_size}, amp {config.runtime.amp}, channels_last "
+               f"{config.runtime.channels_last}, compile {config.runtime.compile}")
+    for result in (end_to_end, ceiling):
+        click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
+    click.echo(f"end to end / ceiling: {100 * end_to_end.per_second / ceiling.per_second:.0f}% "
+               "(target >= 90% on a GPU)")
+
+
+@bench.command("serve")
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--url", help="A running server [default: start one on a free port].")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Request image [default: one of the bundled sample].")
+@click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5),
+              help="One-image requests timed one by one; each concurrent load sends at least "
+                   "25 per client (shorter loads measure their own start-up).")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", default="1,4,16", show_default=True, metavar="N[,N...]",
+              help="Concurrent one-image clients to measure (0: skip).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="INT",
+              help="Server processes, as skinml serve --workers [default: as skinml serve].")
+@click.option("--mlserver", is_flag=True,
+              help="Measure MLServer (skinml serve --mlserver); clients use the V2 protocol.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Loads per client count, each held against an in-process batch rate "
+                   "measured just before it (the share's range is over these pairs).")
+def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
+                batch: int, concurrency: str, workers: int | None, mlserver: bool,
+                repeats: int) -> None:
+    """REST latency (p50/p95) vs in-process predict, batch throughput, and throughput
+    under concurrent one-image clients."""
+    import numpy as np
+
+    from skinml.bench.serve import bench_paired
+    from skinml.bench.serve import bench_serve as run
+    from skinml.bench.throughput import machine
+    from skinml.data.metadata import default_data_dir
+    from skinml.serving.server import default_workers, running_server
+    from skinml.tracking.logged_model import load_model
+
+    image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
+    clients = _client_counts(concurrency)
+    workers = workers or default_workers()
+    name = ("MLServer, V2 clients" if mlserver else
+            "a server of your own" if url else f"mlflow models serve, {workers} worker(s)")
+    server = running_server(model_uri, mlserver=mlserver, workers=workers)
+    with contextlib.nullcontext(url.rstrip("/")) if url else server as url:
+        model = load_model(model_uri)
+        result = run(model, image, url, count, batch)
+        loads = [bench_paired(model, image, url, n, max(count, 25 * n), batch, repeats,
+                              v2=mlserver) for n in clients]
+    rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
+    local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
+    click.echo(f"machine: {machine()}; model {model_uri} ({result.model}); "
+               f"{name}; {count} one-image requests")
+    click.echo(f"REST        p50 {rest50:7.1f} ms   p95 {rest95:7.1f} ms   "
+               f"{batch}-image requests {result.rest_batch_images_per_second:8.1f} images/s")
+    click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
+               f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
+    goal = 1.25 * local50 + 2
+    click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x; goal REST p50 <= 1.25x + 2 ms "
+               f"= {goal:.1f} ms: {'met' if rest50 <= goal else 'not met'}")
+    for n, load in zip(clients, loads, strict=True):
+        p50, p95, p99 = (float(v) for v in np.percentile(load.latencies_ms, [50, 95, 99]))
+        shares = 100 * load.shares
+        click.echo(f"{n:3d} clients  {load.per_second:8.1f} requests/s "
+                   f"({np.median(shares):.0f}% of in-process {batch}-image batches at "
+                   f"{np.median(load.ceilings):.0f} images/s, "
+                   f"{shares.min():.0f}-{shares.max():.0f}% over {repeats} pair(s); goal 70%)  "
+                   f"p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} ms  errors {load.errors}")
+
+
+
+def _client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of numbers",
+                                 param_hint="--concurrency") from None
+    if any(n < 0 for n in counts):
+        raise click.BadParameter("client counts must be >= 0", param_hint="--concurrency")
+    return [n for n in counts if n > 0]
+
+
+@bench.command("gpu")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the table as JSON here.")
+@click.option("--quick", is_flag=True, help="Fewer steps and requests (about 3 minutes).")
+@click.option("--device", "device_name", default="auto", show_default=True,
+              help="cuda, cuda:N, cpu, or auto (CUDA when there is one).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the synthetic data, caches and runs here [default: a temp folder].")
+def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | None) -> None:
+    """The GPU path in one command: loader, train step (eager and compiled), fp16, a real
+    MLflow run and its resume, serving, DDP. One row per step; exit 0 only if all ran."""
+    import torch
+
+    from skinml.bench import gpu
+    from skinml.bench.throughput import machine
+    from skinml.training.device import resolve_device
+
+    try:
+        device = resolve_device(device_name)
+    except RuntimeError:
+        raise click.BadParameter(f"{device_name!r} is not a device",
+                                 param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("this machine has no CUDA device", param_hint="--device")
+    click.echo(f"machine: {machine()}; device {device}{', quick' if quick else ''}")
+    click.echo(gpu.header())
+    with gpu.work_folder(work_dir) as work:
+        rows = gpu.run_bench(device, quick, work,
+                             on_row=lambda row: click.echo(gpu.format_row(row)))
+    if out is not None:
+        gpu.write_report(out, gpu.report(rows, device, quick, machine()))
+        click.echo(f"wrote {out}")
+    failed = [row for row in rows if row.failed]
+    for row in failed:
+        click.echo(f"error: {row.step}: {row.status.removeprefix('failed: ')}", err=True)
+    if failed:
+        sys.exit(1)

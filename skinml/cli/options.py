@@ -1,0 +1,74 @@
+"""Options and arguments several commands share, and how blank MLproject values are read.
+
+MLproject passes every parameter of an entry point, blank when the user gave none; these
+callbacks turn a blank into "not given", so `mlflow run` and `skinml` take the same options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DATA_DIR_ARGUMENT = click.argument("data_dir", required=False,
+                                   type=click.Path(path_type=Path))
+ALLOW_MISSING = click.option("--allow-missing", is_flag=True,
+                             help="Drop metadata rows whose image file is missing.")
+
+
+def blank_is_none(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """MLproject passes every parameter; an empty string means "not given"."""
+    return value if value not in ("", None) else None
+
+
+def whole_number(value: str | None, hint: str, minimum: int = 1) -> int | None:
+    """An optional whole-number option that MLproject may pass blank (None: not given)."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint=hint) from None
+    if number < minimum:
+        raise click.BadParameter(f"must be at least {minimum}, got {number}", param_hint=hint)
+    return number
+
+
+# Shortcuts for the most overridden config keys; anything else goes through --set.
+SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "model.image_size",
+              "batch_size": "optim.batch_size", "lr": "optim.lr", "arch": "model.arch",
+              "balance_strategy": "balance.strategy", "pretrained": "model.pretrained",
+              "seed": "runtime.seed"}
+
+
+def shortcut_overrides(shortcuts: dict[str, str | None]) -> list[str]:
+    """`--epochs 5` -> `optim.epochs=5`, each checked here so an error names the option."""
+    from skinml.core.config import check_key_value, parse_override
+    from skinml.training.choices import check_choice
+
+    items = []
+    for name, value in shortcuts.items():
+        if value is not None:
+            item = f"{SHORTCUTS[name]}={value}"
+            source = f"--{name.replace('_', '-')}"
+            typed = check_key_value(*parse_override(item), source=source)
+            check_choice(SHORTCUTS[name], typed, source=source)
+            items.append(item)
+    return items
+
+
+GATE_DATA = click.option(
+    "--gate-data", callback=blank_is_none, metavar="DIR",
+    help="Labelled HAM10000 folder to judge challenger and champion on (all of it). Needed "
+         "when their runs were split differently; otherwise their shared test split is used.")
+MIN_DELTA = click.option(
+    "--min-delta", default=0.0, show_default=True, type=float,
+    help="Promote only if the lower end of the 95 % CI of Δ balanced accuracy "
+         "(challenger - champion, paired lesion bootstrap) is above this.")
+
+
+DATA_DIR_OPTION = click.option("--data-dir", callback=blank_is_none, metavar="DIR",
+                         help="HAM10000 folder (data.dir).")
+SEED = click.option("--seed", callback=blank_is_none, metavar="INT", help="runtime.seed")
+OVERRIDES = click.option("--overrides", callback=blank_is_none,
+                          help="Space-separated KEY=VALUE overrides (for MLproject).")

@@ -1,0 +1,1 @@
+"""Serving a logged model over REST: `mlflow models serve` and MLServer processes."""

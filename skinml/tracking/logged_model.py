@@ -1,0 +1,154 @@
+"""Logging the served model to a run, loading it back, and scoring image files with it.
+
+`log_model` writes the weights with their metadata, copies the skinml package next to them
+(MLflow puts it on the path of whoever loads the model) and names `pyfunc_entry.py` as the
+model's code; `predict_paths` is how every workflow calls a model: exactly as it is served.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from skinml.core.config import ModelConfig
+from skinml.core.errors import SkinmlError, first_line
+from skinml.core.labels import CLASSES, ISIC_COLUMNS, PROBABILITY_COLUMNS, probability_column
+from skinml.data.decode import open_rgb
+from skinml.data.preprocess import Preprocess
+from skinml.tracking.pyfunc import MAX_PIXELS, RequestLimits
+
+WEIGHTS_FORMAT = 1
+PACKAGE = Path(__file__).parents[1]  # the skinml package, copied into every logged model
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+_REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pyyaml",
+                 "scikit-learn", "tqdm")
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("string", "diagnosis"),
+                    ColSpec("double", "confidence"),
+                    *[ColSpec("double", column) for column in PROBABILITY_COLUMNS]]),
+    # calibrated=false returns softmax(z) without the temperature (for skinml evaluate).
+    params=ParamSchema([ParamSpec("tta", "boolean", False),
+                        ParamSpec("calibrated", "boolean", True)]),
+)
+
+
+def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 1.0
+               ) -> dict[str, Any]:
+    """What serving needs to rebuild and feed the network exactly as evaluation did.
+
+    `temperature` (fitted on validation) divides the logits, so served probabilities are
+    calibrated.
+    """
+    preprocess = Preprocess(model.image_size, model.crop_pct, tuple(frame))
+    return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
+            **preprocess.to_meta(), "temperature": float(temperature)}
+
+
+def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any],
+                 members: list[dict[str, Any]] | None = None) -> None:
+    """One network's weights, or an ensemble's `members` ({"weights", "temperature"} each,
+    same architecture and preprocessing as `meta`)."""
+    payload = {"format": WEIGHTS_FORMAT, "meta": meta}
+    torch.save(payload | ({"members": members} if members else {"weights": weights}), path)
+
+
+def encode_image(image_bytes: bytes) -> str:
+    return base64.b64encode(image_bytes).decode("ascii")
+
+
+
+def pinned_requirements() -> list[str]:
+    """The running versions of what the model imports (local tags like +cu130 dropped)."""
+    return [f"{name}=={package_metadata.version(name).split('+')[0]}" for name in _REQUIREMENTS]
+
+
+def example_jpeg(path: str, max_side: int = 96) -> bytes:
+    """A small JPEG of a real image: the logged model's input example."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: str,
+              members: list[dict[str, Any]] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model named `model` to the active run (`example_image`: a file);
+    `members` make it an ensemble (see `save_weights`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path = Path(tmp) / "weights.pt"
+        save_weights(weights_path, weights, meta, members)
+        code = Path(tmp) / "skinml"
+        shutil.copytree(PACKAGE, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "sample", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts={"weights": str(weights_path)},
+            code_paths=[str(code)],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [encode_image(example_jpeg(example_image))]}),
+            pip_requirements=pinned_requirements(),
+        )
+
+
+def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """mlflow.pyfunc.load_model with a one-line error for a bad URI."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        reason = first_line(exc)
+        raise SkinmlError(f"cannot load model {model_uri}: {reason}") from None
+
+
+def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.DataFrame:
+    """Load a logged or registered model and predict image files; rows indexed by image name."""
+    for path in paths:  # a bad file is named here, not as "row N" of a batch
+        open_rgb(path, max_pixels=MAX_PIXELS)
+    model = load_model(model_uri)
+    table = pd.concat([model.predict(_encoded(chunk), params={"tta": tta})
+                       for chunk in RequestLimits.from_environment().chunks(paths)])
+    table.index = pd.Index([Path(p).stem for p in paths], name="image")
+    return table
+
+
+def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False,
+                  calibrated: bool = True) -> np.ndarray:
+    """Class probabilities (rows in `paths` order) of image files, exactly as served.
+
+    Files are read and encoded a chunk at a time, so a 10,000-image set never sits in
+    memory as base64 at once.
+    """
+    chunks = []
+    for chunk in RequestLimits.from_environment().chunks(paths):
+        table = model.predict(_encoded(chunk), params={"tta": tta, "calibrated": calibrated})
+        chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
+    return np.concatenate(chunks)
+
+
+def _encoded(paths: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame({"image": [encode_image(Path(p).read_bytes()) for p in paths]})
+
+
+def isic_submission(table: pd.DataFrame) -> pd.DataFrame:
+    """ISIC 2018 Task 3 format: image, MEL, NV, BCC, AKIEC, BKL, DF, VASC."""
+    return pd.DataFrame({"image": table.index,
+                         **{column: table[probability_column(dx)].to_numpy()
+                            for column, dx in ISIC_COLUMNS.items()}})

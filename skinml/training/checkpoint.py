@@ -1,0 +1,86 @@
+"""Checkpoints: plain dicts of state dicts plus the resolved config, written atomically and
+opened with `weights_only=True`, so a killed run resumes where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from skinml.core.files import replaced_atomically
+from skinml.training.recipe import StepTools
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainingState:
+    """Where training stands after an epoch: what early stopping and `best` need."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    stale_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where one run's checkpoint lives, and the resolved config it records (what `--resume`
+    runs again)."""
+
+    path: Path
+    config: dict[str, Any]
+
+    def save(self, model: nn.Module, tools: StepTools, state: TrainingState) -> None:
+        save_checkpoint(self.path, model, tools, state, self.config)
+
+    def restore(self, model: nn.Module, tools: StepTools) -> TrainingState:
+        """Load model, optimiser, schedule, scaler and EMA; the training state to go on from."""
+        state = load_checkpoint(self.path, model, tools)
+        log.info("resumed from %s after epoch %d", self.path, state.epoch)
+        return state
+
+
+def save_checkpoint(path: Path, model: nn.Module, tools: StepTools, state: TrainingState,
+                    config: dict[str, Any]) -> None:
+    """Write the checkpoint atomically: a crash mid-write leaves the previous one intact."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config,
+        "model": model.state_dict(),
+        "optimizer": tools.optimizer.state_dict(),
+        "scheduler": tools.scheduler.state_dict(),
+        "scaler": tools.precision.scaler.state_dict() or None,
+        "ema": tools.ema.state_dict() if tools.ema is not None else None,
+        "state": {f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
+    }
+    with replaced_atomically(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module, tools: StepTools) -> TrainingState:
+    """Restore model, optimiser, schedule, scaler and EMA; returns the training state."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    tools.optimizer.load_state_dict(payload["optimizer"])
+    tools.scheduler.load_state_dict(payload["scheduler"])
+    if payload["scaler"]:
+        tools.precision.scaler.load_state_dict(payload["scaler"])
+    if tools.ema is not None and payload["ema"] is not None:
+        tools.ema.load_state_dict(payload["ema"])
+    known = {f.name for f in dataclasses.fields(TrainingState)}
+    return TrainingState(**{k: v for k, v in payload["state"].items() if k in known})
+
+
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was trained with (what `--resume` runs again)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["config"]

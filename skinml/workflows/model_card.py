@@ -1,0 +1,106 @@
+"""The model card attached to every registered version: what the model is for, what it was
+trained and tested on, how good it is (with intervals), how calibrated, for whom it works
+less well, and what it cannot do."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from skinml.core.labels import CLASSES, DIAGNOSES
+from skinml.evaluation.metrics import Interval
+from skinml.evaluation.reports import metrics_markdown, table_markdown
+
+
+def render(name: str, version: str, run_id: str, run_name: str, params: dict[str, str],
+           metrics: dict[str, float], subgroups: pd.DataFrame | None,
+           split_counts: pd.DataFrame | None, gate: dict[str, str] | None = None) -> str:
+    """Markdown text of the card, from a training run's record and the version's gate tags."""
+    test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    p = params.get
+    temperature = (f"T = {test['temperature']:.3f}" if "temperature" in test
+                   else "not recorded for this run")
+    sections = [
+        f"# Model card: {name} version {version}",
+        "## Model",
+        f"- Architecture: {p('model.arch', '?')}, input {p('model.image_size', '?')} px "
+        f"(resize to image_size / {p('model.crop_pct', '?')}, centre crop), "
+        f"ImageNet weights: {p('model.pretrained', '?')}.",
+        f"- Trained in MLflow run `{run_id}` ({run_name}); balancing "
+        f"`{params.get('balance.strategy', '?')}`, {params.get('optim.epochs', '?')} epochs, "
+        f"best epoch {int(metrics.get('best_epoch', 0))}.",
+        "- Output: probabilities for " + ", ".join(f"{c} ({DIAGNOSES[c]})" for c in CLASSES)
+        + f"; temperature-scaled on the validation split ({temperature}).",
+        "## Intended use",
+        "- Research on automated classification of **dermoscopic** images of pigmented skin "
+        "lesions: benchmarking, method development, teaching.",
+        "## Not intended for",
+        "- Diagnosis, triage or any clinical decision: this is not a medical device and has "
+        "not been validated as one.",
+        "- Clinical (non-dermoscopic) photographs, images of other body sites or modalities, "
+        "and lesion types outside the seven HAM10000 classes.",
+        "## Training data and split",
+        f"- HAM10000 folder `{params.get('data.dir') or 'bundled 660-image sample'}`, split by "
+        f"lesion (no lesion in two splits), stratified by diagnosis: val fraction "
+        f"{params.get('data.val_frac', '?')}, test fraction {params.get('data.test_frac', '?')}, "
+        f"split seed {params.get('data.split_seed', '?')}.",
+    ]
+    if split_counts is not None:
+        sections.append(table_markdown(split_counts.reset_index(), "{:.0f}"))
+    sections += ["## Test metrics (lesion-grouped test split)"]
+    if "balanced_accuracy" in test and "auc" in test:
+        sections.append(metrics_markdown(test, "test"))
+    else:
+        sections.append("No test metrics were recorded for this run.")
+    sections += ["## Promotion gate", *_gate_section(gate)]
+    sections += _subgroup_section(subgroups)
+    sections += [
+        "## Known limitations",
+        "- Dermoscopic images only; accuracy on smartphone or clinical photographs is unknown.",
+        "- HAM10000 comes from two sites (Vienna, Queensland) and mostly light skin types; "
+        "performance on darker skin (Fitzpatrick IV-VI) is not established.",
+        "- Class imbalance: nv is two thirds of the data; rare classes (df, vasc) have few "
+        "test lesions, so their numbers carry wide uncertainty.",
+        "- No external validation unless an evaluation run on another data set says "
+        "otherwise (`skinml evaluate`).",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _subgroup_section(subgroups: pd.DataFrame | None) -> list[str]:
+    """Balanced accuracy and key sensitivities per sex, age band and body site."""
+    sections = ["## Subgroups",
+                "Balanced accuracy and per-class sensitivity by sex, age band and body site; "
+                "groups with fewer than 30 images are marked small: their numbers are "
+                "unreliable, not hidden."]
+    if subgroups is None:
+        return [*sections, "No subgroup table was recorded for this run."]
+    columns = ["attribute", "group", "images", "small", "balanced_accuracy",
+               "sensitivity_mel", "sensitivity_bcc", "sensitivity_nv"]
+    return [*sections, table_markdown(subgroups[[c for c in columns if c in subgroups]])]
+
+
+def _gate_section(gate: dict[str, str] | None) -> list[str]:
+    """How this version was judged against the champion (from its gate.* version tags)."""
+    if not gate:
+        return ["This version was registered before promotion gates were recorded."]
+    lines = [f"**{gate['gate.decision']}**: {gate['gate.reason']}"]
+    if "gate.delta" not in gate:
+        return lines
+
+    def interval(prefix: str) -> Interval:
+        return Interval(*(float(gate[prefix + end]) for end in ("", "_ci_low", "_ci_high")))
+
+    champion = f"champion version {gate['gate.champion_version']}"
+    rows = [("compared with", f"{champion} (run `{gate['gate.champion_run_id']}`)"),
+            ("gate set", f"{gate['gate.set_images']} images, {gate['gate.set_lesions']} "
+                         f"lesions: {gate['gate.set']}"),
+            ("gate set digest (SHA-256)", f"`{gate['gate.set_digest']}`"),
+            ("balanced accuracy, this version",
+             str(interval("gate.challenger_balanced_accuracy"))),
+            (f"balanced accuracy, {champion}", str(interval("gate.champion_balanced_accuracy"))),
+            ("Δ = this version - champion", interval("gate.delta").signed()),
+            ("rule", f"promote when the lower end of the 95 % CI of Δ is above "
+                     f"{float(gate['gate.min_delta']):+.3f}; paired bootstrap over lesions "
+                     f"(the same lesions for both models each round), {gate['gate.rounds']} "
+                     f"rounds, seed {gate['gate.seed']}")]
+    return lines + ["| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)]

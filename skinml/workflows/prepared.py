@@ -1,0 +1,90 @@
+"""The data a run trains on: a HAM10000 folder split by lesion, checked for leakage, decoded
+once into the cache, and fed to the device in batches. Training, cross-validation, tuning
+and the benchmarks all start here (a study's trials share one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from skinml.core.config import Config, DataConfig
+from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.data.cache import ImageCache, cache_root, prepare_cache
+from skinml.data.loader import CachedBatches
+from skinml.data.metadata import default_data_dir
+from skinml.training.distributed import SINGLE, Cluster, barrier
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    config: DataConfig
+    frame: pd.DataFrame
+    split: pd.Series
+    cache: ImageCache
+    source: str
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """(height, width) every cached image was fitted to: what serving fits images to."""
+        return tuple(int(s) for s in self.cache.images.shape[1:3])
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.frame[self.split.to_numpy() == split]
+
+
+@dataclass(frozen=True)
+class SplitBatches:
+    train: CachedBatches
+    val: CachedBatches
+    test: CachedBatches
+
+
+def prepare_data(config: Config, cluster: Cluster = SINGLE) -> PreparedData:
+    """Load the folder, split by lesion (checked for leakage), and open the decode-once cache.
+
+    Under torchrun rank 0 builds the cache first; the other ranks then find it complete.
+    """
+    if not cluster.is_main:
+        barrier(cluster)
+    data = _prepare(config)
+    if cluster.is_main:
+        barrier(cluster)
+    return data
+
+
+def _prepare(config: Config) -> PreparedData:
+    data = config.data
+    source = str(Path(data.dir).expanduser() if data.dir else default_data_dir())
+    frame = load_ham10000(source, allow_missing=data.allow_missing)
+    split = split_by_lesion(frame, val_frac=data.val_frac, test_frac=data.test_frac,
+                            seed=data.split_seed)
+    assert_no_leakage(frame, split)
+    cache = prepare_cache(frame, size=data.cache_size, skip_corrupt=data.skip_corrupt,
+                          workers=config.runtime.workers or None,
+                          progress=config.runtime.progress)
+    kept = ~frame["image_id"].isin(set(cache.skipped))
+    return PreparedData(data, frame[kept], split[kept], cache, source)
+
+
+def batches_for(data: PreparedData, name: str, batch_size: int, device: torch.device
+                ) -> CachedBatches:
+    chosen = data.rows(name)
+    return CachedBatches(data.cache.images, data.cache.rows(chosen["image_id"]),
+                         chosen["label"].to_numpy(), batch_size, device)
+
+
+def split_batches(data: PreparedData, config: Config, device: torch.device) -> SplitBatches:
+    """Training batches of `optim.batch_size`; validation and test of `eval_batch_size`."""
+    batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
+    return SplitBatches(batches_for(data, "train", batch, device),
+                        batches_for(data, "val", eval_batch, device),
+                        batches_for(data, "test", eval_batch, device))
+
+
+def checkpoint_path(config: Config, run_id: str) -> Path:
+    """`runtime.checkpoint_dir`/<run_id>/last.pt, by default under the cache folder."""
+    root = Path(config.runtime.checkpoint_dir or cache_root() / "checkpoints").expanduser()
+    return root / run_id / "last.pt"

@@ -1,0 +1,252 @@
+"""One training run, read top to bottom as torchvision's `references/classification` reads:
+`train` gets the data and loaders, opens the MLflow run, builds the recipe (model,
+optimiser and schedule, balancing loss, augmentation, precision, EMA), the checkpoint and
+the tracking callback, hands them to the loop (`engine.fit`), then calibrates, scores the
+test split and logs the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from skinml.core.config import Config, ConfigError
+from skinml.evaluation.calibration import clamp_warning, fit_temperature
+from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_metrics
+from skinml.evaluation.scoring import score_split, subgroup_attributes
+from skinml.models import build_model
+from skinml.tracking.logged_model import model_meta
+from skinml.tracking.reader import resumable
+from skinml.tracking.writer import RunLog, training_run
+from skinml.training.balance import build_loss
+from skinml.training.checkpoint import Checkpoint, TrainingState, checkpoint_config
+from skinml.training.choices import build_run_config
+from skinml.training.device import precision_for, resolve_device, seed_everything
+from skinml.training.distributed import (
+    SINGLE,
+    Cluster,
+    close_cluster,
+    device_for,
+    gather,
+    init_cluster,
+)
+from skinml.training.engine import EpochResult, FitResult, Predictions, fit, predict_split
+from skinml.training.recipe import (
+    LoopSettings,
+    StepTools,
+    build_augment,
+    build_ema,
+    build_optimizer,
+    build_scheduler,
+    memory_format,
+    preprocess_of,
+    steps_per_epoch,
+)
+from skinml.workflows.prepared import (
+    PreparedData,
+    SplitBatches,
+    checkpoint_path,
+    prepare_data,
+    split_batches,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_uri: str
+    best_epoch: int
+    val_balanced_accuracy: float
+    test: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """How a run fits into something bigger (a cross-validation, a tuning study)."""
+
+    nested: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    on_epoch_end: Callable[[EpochResult], None] | None = None
+    on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The model and everything a training step uses with it, built for one run."""
+
+    model: nn.Module
+    tools: StepTools
+
+
+def train(config: Config, resume_run_id: str | None = None, *,
+          data: PreparedData | None = None, hooks: RunHooks | None = None) -> TrainResult:
+    """Train, evaluate the best epoch on the test split, and log everything to MLflow.
+
+    `data` reuses an already prepared data set (tuning trials share one); `hooks` nest the
+    run under an active parent and add a progress callback (pruning). Under torchrun every
+    rank trains; only rank 0 talks to MLflow (`run` is None on the others).
+    """
+    hooks, resume = hooks or RunHooks(), resume_run_id is not None
+    cluster = init_cluster()
+    try:
+        config = _config_to_resume(config, resume_run_id) if resume else config
+        if data is None or data.config != config.data:  # data: split by lesion, cached
+            data = prepare_data(config, cluster)
+        device = device_for(cluster, resolve_device(config.runtime.device))
+        sets = split_batches(data, config, device)  # loaders
+        _announce(config, data, sets, cluster)
+        with _logging_run(config, hooks, resume_run_id, cluster) as run:  # tracking
+            run_id = gather(run.run_id if run else None, cluster)[0]
+            _log_inputs(run, hooks, config, data, resume)
+            seed_everything(config.runtime.seed)
+            recipe = build_recipe(config, sets.train.labels, device, cluster)
+            checkpoint = Checkpoint(checkpoint_path(config, run_id), config.to_dict())
+            state = checkpoint.restore(recipe.model, recipe.tools) if resume else TrainingState()
+            outcome = fit(recipe.model, recipe.tools, sets.train, sets.val,
+                          LoopSettings.from_config(config), checkpoint, state=state,
+                          on_epoch_end=_epoch_callback(run, hooks), cluster=cluster)
+            return _finish(recipe.model, outcome, config, data, sets, run, run_id, cluster)
+    finally:
+        close_cluster(cluster)
+
+
+def build_recipe(config: Config, train_labels, device: torch.device,
+                 cluster: Cluster = SINGLE) -> Recipe:
+    """The model on its device, then, in the order a step uses them: augmentation, the loss
+    the balancing strategy asks for, the optimiser and its schedule, precision, EMA.
+
+    `skinml bench train` builds through here too, so it times the step that trains.
+    """
+    optim, runtime = config.optim, config.runtime
+    layout = memory_format(runtime.channels_last)
+    model = build_model(config.model).to(device, memory_format=layout)
+    optimizer = build_optimizer(model, optim)
+    steps = steps_per_epoch(train_labels, config.balance, optim.batch_size, runtime.seed,
+                            cluster)
+    return Recipe(model, StepTools(
+        augment=build_augment(config.augment, preprocess_of(config)).to(device),
+        loss_fn=build_loss(config.balance, train_labels, optim.label_smoothing).to(device),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, optim, steps),
+        precision=precision_for(device, runtime.amp),
+        memory_format=layout,
+        ema=build_ema(model, optim.ema_decay),  # a copy of the model as it is now, on device
+        grad_clip=optim.grad_clip))
+
+
+def _epoch_callback(run: RunLog | None, hooks: RunHooks
+                    ) -> Callable[[EpochResult], None] | None:
+    """Each epoch's metrics to the run, then to whoever hooked in (a study's pruner)."""
+    if run is None:
+        return None
+
+    def on_epoch_end(result: EpochResult) -> None:
+        run.log_metrics(result.metrics(), step=result.epoch)
+        if hooks.on_epoch_end is not None:
+            hooks.on_epoch_end(result)
+
+    return on_epoch_end
+
+
+def _finish(model: nn.Module, outcome: FitResult, config: Config, data: PreparedData,
+            sets: SplitBatches, run: RunLog | None, run_id: str, cluster: Cluster
+            ) -> TrainResult:
+    """The best epoch's weights: calibrated on validation, logged, scored on the test split."""
+    model.load_state_dict(outcome.best_weights)
+    transform = preprocess_of(config).eval_transform().to(sets.test.device)
+    # Temperature scaling is fitted on validation, never on the test split it is judged on.
+    val = predict_split(model, sets.val, transform, cluster=cluster)
+    temperature = fit_temperature(val.probs, val.labels)
+    warning = clamp_warning(temperature)
+    if warning and run is not None:
+        log.warning("%s", warning)
+        run.log_text(warning + "\n", "calibration_warning.txt")
+    output = predict_split(model, sets.test, transform, cluster=cluster)
+    if run is None:
+        return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
+                           compute_metrics(output.labels, output.probs))
+    model_uri = _log_model(run, model, data, config, temperature)  # before its metrics
+    rows = data.rows("test")
+    scored = score_split("test", output.labels, output.probs, temperature,
+                         groups=rows["lesion_id"].to_numpy(),
+                         attributes=subgroup_attributes(rows),
+                         n_boot=config.runtime.bootstrap, seed=config.runtime.seed)
+    test = run.log_scored_split(scored)
+    log.info("test balanced accuracy %.4f (%d images), temperature %.2f",
+             test["balanced_accuracy"], len(output.labels), temperature)
+    run.log_summary({"best_epoch": outcome.best_epoch,
+                     "best_val_balanced_accuracy": outcome.best_score,
+                     **_val_interval(val, data, config)})
+    return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+
+
+def _val_interval(val: Predictions, data: PreparedData, config: Config) -> dict[str, float]:
+    """Lesion-bootstrap 95 % CI of the best epoch's validation balanced accuracy: how much
+    the number that selection reads (epochs, trials, runs) can be trusted."""
+    if not config.runtime.bootstrap:
+        return {}
+    lesions = data.rows("val")["lesion_id"].to_numpy()
+    low, high = bootstrap_ci(val.labels, val.probs, lesions, balanced_accuracy,
+                             n_boot=config.runtime.bootstrap, seed=config.runtime.seed)
+    return {"best_val_balanced_accuracy_ci_low": low, "best_val_balanced_accuracy_ci_high": high}
+
+
+def _log_model(run: RunLog, model: nn.Module, data: PreparedData, config: Config,
+               temperature: float) -> str:
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    example = data.rows("test")["path"].iloc[0]
+    return run.log_model(weights, model_meta(config.model, data.frame_hw, temperature),
+                         example)
+
+
+def _logging_run(config: Config, hooks: RunHooks, resume_run_id: str | None,
+                 cluster: Cluster) -> contextlib.AbstractContextManager[RunLog | None]:
+    """The MLflow run on rank 0; no run (None) on the other ranks."""
+    if not cluster.is_main:
+        return contextlib.nullcontext()
+    return training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
+                        tags=hooks.tags)
+
+
+def _log_inputs(run: RunLog | None, hooks: RunHooks, config: Config, data: PreparedData,
+                resume: bool) -> None:
+    """What a new run records before training: the config and the split data (a resumed
+    run has them already)."""
+    if run is None:
+        return
+    if hooks.on_run_start is not None:
+        hooks.on_run_start(run.run_id)
+    if not resume:
+        run.log_config(config)
+        run.log_data(data.frame, data.split, data.source)
+
+
+def _announce(config: Config, data: PreparedData, sets: SplitBatches, cluster: Cluster
+              ) -> None:
+    if cluster.is_main:
+        log.info("training %s on %s: %d train / %d val / %d test images, %s, %d process(es)",
+                 config.model.arch, data.source, len(sets.train), len(sets.val),
+                 len(sets.test), sets.train.device, cluster.world_size)
+
+
+def _run_name(config: Config) -> str:
+    if config.runtime.run_name:
+        return config.runtime.run_name
+    return (f"{config.model.arch}-{config.model.image_size}px-{config.balance.strategy}"
+            f"-e{config.optim.epochs}-s{config.runtime.seed}")
+
+
+def _config_to_resume(config: Config, run_id: str) -> Config:
+    """The config a killed run was started with, read from its checkpoint."""
+    resumable(run_id)
+    path = checkpoint_path(config, run_id)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint to resume at {path}")
+    return build_run_config(checkpoint_config(path), source=str(path))

@@ -1,0 +1,1 @@
+"""Optuna studies over training runs: the only code that imports Optuna."""

@@ -1,0 +1,137 @@
+"""`skinml register`, `predict` and `explain` on the shared demo store (and `mlflow run -e
+register`), and every command that only reads: one line and no new tracking store when
+there is none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from skinml.cli import main
+from skinml.core.labels import CLASSES
+from skinml.workflows.registry import CHAMPION
+
+from ..conftest import ISIC_SCORER, NAME, REPO, SAMPLE_IMAGES
+
+
+def test_predict_writes_an_isic_submission(demo, tmp_path):
+    paths = [str(p) for p in sorted(demo.folder.glob("*.jpg"))[:3]]
+    out = tmp_path / "submission.csv"
+    result = demo.cli("predict", f"models:/{NAME}@champion", *paths,
+                     "--isic-csv", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    submission = pd.read_csv(out)
+    assert list(submission.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert submission["image"].tolist() == [Path(p).stem for p in paths]
+    np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+    assert [r["image"] for r in json.loads(result.stdout)] == submission["image"].tolist()
+
+
+def test_predict_names_a_bad_file(demo, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    result = demo.cli_in_process("predict", f"models:/{NAME}@champion", str(bad))
+    assert result.returncode == 2
+    assert str(bad) in result.stderr.strip().splitlines()[-1]
+
+
+def test_explain_writes_an_overlay_of_the_images_size(demo, tmp_path):
+    photo = Image.open(next(demo.folder.glob("*.jpg"))).resize((301, 217))
+    source = tmp_path / "odd.png"
+    photo.save(source)
+    out = tmp_path / "overlay.png"
+    figure = tmp_path / "figure.png"
+    result = demo.cli("explain", f"models:/{NAME}@champion", str(source), "--out",
+                     str(out), "--figure", str(figure))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert Image.open(out).size == (301, 217)
+    assert any(c in result.stdout for c in CLASSES)
+    # 32 px training: the CAM comes from a 1x1 map, and the output says so.
+    assert result.stdout.rstrip().endswith("(Grad-CAM from a 1x1 feature map)")
+    assert Image.open(figure).size[0] > 301  # the framed figure, with its colour scale
+
+
+def test_predict_isic_csv_is_accepted_by_the_official_scorer(demo, tmp_path):
+    metadata = pd.read_csv(demo.folder / "HAM10000_metadata.csv")
+    one_per_class = metadata.groupby("dx").head(1)
+    paths = [str(demo.folder / f"{i}.jpg") for i in one_per_class["image_id"]]
+    submission = tmp_path / "submission.csv"
+    result = demo.cli("predict", f"models:/{NAME}@champion", *paths,
+                     "--isic-csv", str(submission))
+    assert result.returncode == 0, result.stderr[-2000:]
+    truth = pd.DataFrame({"image": one_per_class["image_id"],
+                          **{c: (one_per_class["dx"] == c.lower()).astype(float)
+                             for c in ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]}})
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    scored = subprocess.run([sys.executable, "-c", ISIC_SCORER, "classification",
+                             str(tmp_path / "truth.csv"), str(submission)],
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stderr
+    assert "balanced_accuracy" in scored.stdout
+
+
+def test_reading_commands_leave_no_tracking_store_behind(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be ./mlflow.db here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    for args in (["serve", "models:/m@champion"], ["predict", "models:/m@champion", "x.jpg"],
+                 ["evaluate", "models:/m@champion"], ["register", "--experiment", "x"],
+                 ["compare", "models:/a/1", "models:/b/1"],
+                 ["explain", "models:/m@champion", str(SAMPLE_IMAGES[0]), "--out", "o.png"]):
+        result = CliRunner().invoke(main, args)  # in-process: each stops before MLflow
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.strip() == (
+            f"error: no MLflow tracking store at {tmp_path / 'mlflow.db'}: run this in the "
+            "folder you trained in, or set MLFLOW_TRACKING_URI"), args
+        assert list(tmp_path.iterdir()) == [], args
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["serve", "--mlserver", "--timeout", "5"], "is for mlflow models serve, not MLServer"),
+    (["serve", "--mlserver", "--workers", "2"], "is for mlflow models serve, not MLServer"),
+])
+def test_option_mistakes_of_serve_are_exit_2_before_any_work(args, reason):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and reason in result.output
+
+
+def test_register_cli_picks_the_run_with_the_best_validation_score(demo):
+    result = demo.cli("register", "--experiment", "skin-lesion")
+    assert result.returncode == 0, result.stderr[-2000:]
+    best = max(r.val_balanced_accuracy for r in (demo.ranked[0], demo.ranked[1]))
+    picked = [r for r in (demo.ranked[0], demo.ranked[1])
+              if f"from run {r.run_id}" in result.stdout]
+    assert len(picked) == 1 and picked[0].val_balanced_accuracy == best
+    assert "aliases challenger" in result.stdout
+
+
+def test_register_cli_unknown_run_is_exit_2(demo):
+    result = demo.cli_in_process("register", "--run-id", "0123456789abcdef")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: run 0123456789abcdef does not exist")
+
+
+@pytest.mark.slow
+def test_mlflow_run_register_entry_point(demo):
+    result = subprocess.run(
+        ["mlflow", "run", str(REPO), "-e", "register", "--env-manager", "local",
+         "-P", f"run_id={demo.ranked[0].run_id}"],
+        capture_output=True, text=True, timeout=300, cwd=demo.root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": demo.uri})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"from run {demo.ranked[0].run_id}" in result.stdout
+    # The champion's own model again: Δ is exactly 0, so the champion stays.
+    assert "no evidence of improvement" in result.stdout
+    champion = mlflow.MlflowClient(demo.uri).get_model_version_by_alias(NAME, CHAMPION)
+    assert str(champion.version) == str(demo.registrations[0].version)

@@ -1,0 +1,74 @@
+"""The coalescer alone: concurrent calls share passes, and each gets exactly its rows back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from skinml.tracking.coalescer import Coalescer
+
+
+class Recorder:
+    """A 'model': doubles its rows, slowly enough for a queue to form, and records passes."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.passes: list[tuple[int, object]] = []
+        self.values: list[tuple[object, set]] = []  # the distinct row values of each pass
+        self.seconds = seconds
+        self.lock = threading.Lock()
+
+    def __call__(self, rows: np.ndarray, key) -> np.ndarray:
+        with self.lock:
+            self.passes.append((len(rows), key))
+            self.values.append((key, set(rows.ravel().tolist())))
+        time.sleep(self.seconds)
+        if key == "boom":
+            raise ValueError("this pass failed")
+        return rows * 2
+
+
+def test_concurrent_calls_share_passes_and_get_their_own_rows_in_order():
+    model = Recorder()
+    coalesce = Coalescer(model, max_batch=64, max_wait=0.005)
+    requests = [np.arange(i * 10, i * 10 + 1 + i % 3)[:, None] for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(coalesce, requests))
+    for rows, answer in zip(requests, answers, strict=True):
+        np.testing.assert_array_equal(answer, rows * 2)
+    assert sum(n for n, _ in model.passes) == sum(len(r) for r in requests)
+    assert len(model.passes) < 32 and max(n for n, _ in model.passes) > 1
+
+
+def test_a_lone_call_runs_at_once_without_waiting_for_the_timer():
+    coalesce = Coalescer(Recorder(seconds=0), max_wait=2.0)
+    started = time.perf_counter()
+    np.testing.assert_array_equal(coalesce(np.ones((3, 1))), np.full((3, 1), 2.0))
+    assert time.perf_counter() - started < 0.5
+
+
+def test_keys_are_never_mixed_and_a_failed_pass_fails_only_its_callers():
+    model = Recorder()
+    coalesce = Coalescer(model, max_wait=0.02)
+    with ThreadPoolExecutor(8) as pool:
+        good = [pool.submit(coalesce, np.ones((1, 1)), "plain") for _ in range(4)]
+        bad = [pool.submit(coalesce, np.full((1, 1), 5.0), "boom") for _ in range(4)]
+        for future in good:
+            np.testing.assert_array_equal(future.result(), [[2.0]])
+        for future in bad:
+            with pytest.raises(ValueError, match="this pass failed"):
+                future.result()
+    # A pass holds the rows of one key only: TTA and plain requests never share a pass.
+    assert all(values == ({1.0} if key == "plain" else {5.0}) for key, values in model.values)
+    assert {key for _, key in model.passes} == {"plain", "boom"}
+    np.testing.assert_array_equal(coalesce(np.ones((1, 1)), "plain"), [[2.0]])  # still serving
+
+
+def test_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SKINML_SERVE_MAX_BATCH", "8")
+    monkeypatch.setenv("SKINML_SERVE_MAX_WAIT_MS", "0")
+    coalesce = Coalescer.from_environment(Recorder())
+    assert coalesce.max_batch == 8 and coalesce.max_wait == 0

@@ -1,0 +1,127 @@
+"""The engine: a tiny model on the CPU, synthetic colour-coded images, no MLflow. The model
+and its step tools come from the training recipe, as in a run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from skinml.core.config import Config, load_config
+from skinml.data.loader import CachedBatches
+from skinml.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint
+from skinml.training.device import precision_for, seed_everything
+from skinml.training.engine import EpochResult, fit, train_one_epoch
+from skinml.training.recipe import LoopSettings
+from skinml.workflows.train import build_recipe
+
+STILL = ["augment.scale_min=1.0", "augment.scale_max=1.0", "augment.ratio_min=1.0",
+         "augment.ratio_max=1.0", "augment.hflip=false", "augment.vflip=false",
+         "augment.rotation=0", "augment.brightness=0", "augment.contrast=0",
+         "augment.saturation=0", "augment.hue=0"]
+TINY = ["model.arch=resnext_small", "model.image_size=16", "model.crop_pct=1.0",
+        "data.cache_size=16", "optim.lr=3e-3", "optim.epochs=3", "optim.warmup_epochs=0",
+        "optim.batch_size=14", "optim.label_smoothing=0", "balance.strategy=none",
+        "runtime.seed=0", "runtime.channels_last=false", "runtime.amp=off",
+        "runtime.progress=false", *STILL]
+CPU = torch.device("cpu")
+FOUR_STEPS = np.arange(56) % 7  # train labels: 4 steps of 14 an epoch
+
+
+def config(*extra: str) -> Config:
+    return load_config(None, [*TINY, *extra])
+
+
+def colour_coded(per_class: int, seed: int) -> CachedBatches:
+    """7 classes, each a colour plus noise: learnable in a few steps by any convnet."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(7), per_class)
+    colours = rng.integers(0, 256, (7, 3))
+    noise = rng.normal(0, 20, (len(labels), 16, 16, 3))
+    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return CachedBatches(images, np.arange(len(labels)), labels, 14, CPU)
+
+
+def run(tmp_path, cfg: Config | None = None, resume: bool = False, **kwargs):
+    cfg = cfg or config()
+    seed_everything(0)
+    train = colour_coded(8, 0)
+    recipe = build_recipe(cfg, train.labels, CPU)
+    checkpoint = Checkpoint(tmp_path / "last.pt", {"marker": "the resolved config"})
+    state = checkpoint.restore(recipe.model, recipe.tools) if resume else None
+    epochs: list[EpochResult] = []
+    result = fit(recipe.model, recipe.tools, train, colour_coded(3, 1),
+                 LoopSettings.from_config(cfg), checkpoint, state=state,
+                 on_epoch_end=kwargs.pop("on_epoch_end", epochs.append), **kwargs)
+    return result, epochs
+
+
+def test_loss_falls_and_the_best_epoch_and_its_weights_are_kept(tmp_path):
+    result, epochs = run(tmp_path)
+    assert [e.epoch for e in epochs] == [1, 2, 3]
+    assert epochs[-1].train_loss < epochs[0].train_loss
+    scores = [e.val["balanced_accuracy"] for e in epochs]
+    assert result.best_epoch == 1 + int(np.argmax(scores)) and result.best_score == max(scores)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert payload["format"] == CHECKPOINT_FORMAT
+    assert payload["config"] == {"marker": "the resolved config"}  # what --resume reruns
+    assert payload["state"]["epoch"] == 3 and payload["scaler"] is None  # fp32: no scaler state
+    best = payload["state"]["best_weights"]
+    assert all(torch.equal(best[k], v) for k, v in result.best_weights.items())
+
+
+def test_with_ema_the_averaged_weights_are_scored_and_kept(tmp_path):
+    result, _ = run(tmp_path, config("optim.epochs=1", "optim.ema_decay=0.9"))
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    weight = "fc.weight"
+    assert torch.equal(result.best_weights[weight], payload["ema"][f"module.{weight}"])
+    assert not torch.equal(result.best_weights[weight], payload["model"][weight])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_after_an_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    whole, _ = run(tmp_path / "whole")
+
+    def die_in_epoch_2(result: EpochResult) -> None:
+        if result.epoch == 2:  # before epoch 2's checkpoint: epoch 1's is the last on disk
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", on_epoch_end=die_in_epoch_2)
+    resumed, epochs = run(tmp_path / "killed", resume=True)
+    assert [e.epoch for e in epochs] == [2, 3]
+    assert (resumed.best_epoch, resumed.best_score) == (whole.best_epoch, whole.best_score)
+    for key, value in whole.best_weights.items():
+        assert torch.equal(resumed.best_weights[key], value), key
+
+
+def test_one_step_path_for_every_precision_on_the_cpu():
+    fp32, bf16 = precision_for(CPU, "off"), precision_for(CPU, "bf16")
+    assert not fp32.scaler.is_enabled() and fp32.name == "off"
+    assert precision_for(CPU, "auto").name == "off"  # AMP is for CUDA unless asked for
+    with bf16.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    recipe = build_recipe(config("runtime.amp=bf16", "runtime.channels_last=true"),
+                          FOUR_STEPS, CPU)
+    model, tools = recipe.model, recipe.tools
+    assert tools.memory_format == torch.channels_last
+    before = model.fc.weight.detach().clone()
+    stats = train_one_epoch(model, [next(iter(colour_coded(2, 0).epoch()))], tools)
+    assert np.isfinite(stats.loss) and stats.images == 14
+    assert not torch.equal(model.fc.weight, before)  # one bf16 step, through the scaler
+
+
+def test_fp16_steps_go_through_an_enabled_grad_scaler_on_the_cpu():
+    recipe = build_recipe(config("runtime.amp=fp16"), FOUR_STEPS, CPU)
+    model, tools = recipe.model, recipe.tools
+    assert tools.precision.scaler.is_enabled() and tools.precision.name == "fp16"
+    with tools.precision.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float16
+    before = model.fc.weight.detach().clone()
+    batch = next(iter(colour_coded(2, 0).epoch()))
+    losses = [train_one_epoch(model, [batch], tools).loss for _ in range(3)]
+    assert all(np.isfinite(losses)) and tools.precision.scaler.get_scale() > 0
+    assert not torch.equal(model.fc.weight, before)

@@ -1,0 +1,153 @@
+"""A real 3-fold cross-validation on tiny images: nested fold runs, out-of-fold predictions
+and metrics, the fold ensemble served by `mlflow models serve`, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from skinml.core.config import load_config
+from skinml.core.labels import PROBABILITY_COLUMNS
+from skinml.evaluation.metrics import balanced_accuracy, fold_mean_balanced_accuracy, macro_auc
+from skinml.serving.server import DIRECT, running_server
+from skinml.tracking.logged_model import predict_paths
+from skinml.tracking.reader import logged_model_uri
+from skinml.workflows.cv import FOLD_TAG, PARENT_TAG, cross_validate
+from skinml.workflows.registry import card_file, register_run
+
+from ..conftest import DEMO, b64, build_folder, isolated_tracking, refused_statements, tiny
+
+FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory):
+    """One uninterrupted 3-fold cross-validation in its own tracking store."""
+    root = tmp_path_factory.mktemp("cv")
+    with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(root / "cache"))
+        folder = build_folder(root / "ham", lesions_per_class=5)
+        overrides = tiny(folder, "optim.epochs=1")
+        with refused_statements() as refused:
+            result = cross_validate(load_config(DEMO, overrides), FOLDS)
+        yield {"uri": uri, "root": root, "overrides": overrides, "result": result,
+               "refused": refused}
+
+
+def children(parent_id: str) -> list:
+    parent = MlflowClient().get_run(parent_id)
+    return MlflowClient().search_runs([parent.info.experiment_id],
+                                      f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def test_one_parent_run_with_one_nested_training_run_per_fold(cv):
+    result = cv["result"]
+    parent = mlflow.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["skinml.role"] == "cv" and parent.data.params["cv.folds"] == "3"
+    runs = children(result.run_id)
+    assert sorted(int(r.data.tags[FOLD_TAG]) for r in runs) == [0, 1, 2]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == result.run_id
+        assert run.data.tags["skinml.role"] == "training" and run.outputs.model_outputs
+    for metric in ("oof_balanced_accuracy_ci_low", "oof_auc", "test_balanced_accuracy",
+                   "fold_val_balanced_accuracy_mean", "fold_val_balanced_accuracy_sd"):
+        assert metric in parent.data.metrics, metric
+    artifacts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    assert {"oof_predictions.csv", "cv_folds.png", "confusion_matrix.png", "oof",
+            "split.csv"} <= artifacts
+    oof_files = {a.path for a in MlflowClient().list_artifacts(result.run_id, "oof")}
+    assert {"oof/confusion_matrix_normalized.png", "oof/classification_report.txt"} <= oof_files
+    assert cv["refused"] == []  # the parent's and folds' models logged before their metrics
+
+
+def test_oof_predictions_cover_every_non_test_image_once_and_give_the_parent_metrics(cv):
+    run_id = cv["result"].run_id
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                          artifact_path="oof_predictions.csv"))
+    split = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                            artifact_path="split.csv"))
+    assert sorted(oof["image_id"]) == sorted(split.loc[split["split"] != "test", "image_id"])
+    assert oof.groupby("lesion_id")["fold"].nunique().max() == 1
+    metrics = mlflow.get_run(run_id).data.metrics
+    labels, probs = oof["label"].to_numpy(), oof[list(PROBABILITY_COLUMNS)].to_numpy()
+    assert metrics["oof_balanced_accuracy"] == pytest.approx(balanced_accuracy(labels, probs),
+                                                             abs=1e-9)
+    assert metrics["oof_auc"] == pytest.approx(macro_auc(labels, probs), abs=1e-6)
+    assert metrics["best_val_balanced_accuracy"] == metrics["oof_balanced_accuracy"]
+    # the mean of the folds (what `tune --objective cv` optimises) with its lesion interval
+    folds = oof["fold"].to_numpy()
+    assert metrics["fold_val_balanced_accuracy_mean"] == pytest.approx(
+        fold_mean_balanced_accuracy(labels, probs, folds), abs=1e-9)
+    assert (metrics["fold_val_balanced_accuracy_mean_ci_low"]
+            <= metrics["fold_val_balanced_accuracy_mean"]
+            <= metrics["fold_val_balanced_accuracy_mean_ci_high"])
+
+
+def test_served_ensemble_is_the_mean_of_the_fold_models(cv):
+    paths = sorted((cv["root"] / "ham").rglob("*.jpg"))[:6]
+    fold_probs = np.mean([predict_paths(mlflow.pyfunc.load_model(logged_model_uri(r.info.run_id)),
+                                        [str(p) for p in paths])
+                          for r in children(cv["result"].run_id)], axis=0)
+    payload = {"inputs": {"image": [b64(p) for p in paths]}}
+    with running_server(cv["result"].model_uri) as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with DIRECT.open(request, timeout=60) as reply:
+            served = pd.DataFrame(json.loads(reply.read())["predictions"])
+    np.testing.assert_allclose(served[list(PROBABILITY_COLUMNS)], fold_probs, atol=1e-6)
+
+
+def test_the_parent_registers_like_any_run_with_its_model_card(cv):
+    registration = register_run(cv["result"].run_id, name="cv-ensemble")
+    assert registration.champion  # the first version of a new name
+    card = Path(mlflow.artifacts.download_artifacts(
+        f"models:/cv-ensemble/{registration.version}/{card_file(registration.version)}")
+    ).read_text()
+    assert "each fold's own" in card
+
+
+@pytest.mark.slow
+def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv["uri"], "SKINML_CACHE":
+           str(cv["root"] / "cache")}
+    experiment = MlflowClient().get_experiment_by_name("skin-lesion").experiment_id
+    before = {r.info.run_id for r in MlflowClient().search_runs([experiment])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "skinml", "cv", "--config", str(DEMO), "--folds", str(FOLDS),
+         *[f"--set={o}" for o in cv["overrides"]]], env=env, cwd=cv["root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parent_id, deadline = None, time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill once the second fold's run has started
+        assert process.poll() is None, "cross-validation ended before it could be killed"
+        new = [r for r in MlflowClient().search_runs([experiment])
+               if r.info.run_id not in before]
+        second = [r for r in new if r.data.tags.get(FOLD_TAG) == "1"]
+        if second:
+            parent_id = second[0].data.tags[PARENT_TAG]
+            break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert mlflow.get_run(parent_id).info.status == "RUNNING"  # killed, not finished
+
+    resumed = cross_validate(load_config(DEMO, cv["overrides"]), FOLDS, resume_run_id=parent_id)
+    uninterrupted = cv["result"]
+    assert resumed.run_id == parent_id
+    assert resumed.oof == uninterrupted.oof and resumed.test == uninterrupted.test
+    states = sorted((r.data.tags[FOLD_TAG], r.info.status) for r in children(parent_id))
+    assert states == [("0", "FINISHED"), ("1", "FINISHED"), ("1", "KILLED"), ("2", "FINISHED")]
+    assert mlflow.get_run(parent_id).info.status == "FINISHED"

@@ -1,0 +1,186 @@
+"""The promotion gate: selection reads validation, the champion moves only on a paired win
+on the same images, and the decision is on the model version and in its model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from skinml.data.metadata import default_data_dir
+from skinml.workflows.registry import (
+    CHALLENGER,
+    CHAMPION,
+    GateOptions,
+    RegistryError,
+    _judge,
+    best_run,
+    champion,
+    register_run,
+)
+
+from ..conftest import isolated_tracking, trained_store
+
+# The bundled sample (a 99-image test split) at 32 px: enough for a real difference.
+SAMPLE = ["optim.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained model, a near-chance one (1 epoch, tiny lr) and one on another split."""
+    trained = [[*SAMPLE, "optim.epochs=5", "optim.warmup_epochs=1"],
+               [*SAMPLE, "optim.epochs=1", "optim.lr=1e-6", "optim.warmup_epochs=0"],
+               [*SAMPLE, "optim.epochs=1", "optim.warmup_epochs=0", "data.split_seed=1"]]
+    with trained_store(tmp_path_factory.mktemp("gate"), trained, lesions_per_class=None) as store:
+        good, bad, other_split = (run.run_id for run in store.runs)
+        yield {"uri": store.uri, "root": store.root, "store": store, "good": good, "bad": bad,
+               "other_split": other_split}
+
+
+def aliases(uri: str, name: str) -> tuple[str | None, str | None]:
+    client = mlflow.MlflowClient(uri)
+    current = champion(client, name)
+    return (str(current.version) if current else None,
+            str(client.get_model_version_by_alias(name, CHALLENGER).version))
+
+
+def gate_tags(uri: str, name: str, version: str) -> dict[str, str]:
+    return mlflow.MlflowClient(uri).get_model_version(name, version).tags
+
+
+def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(runs):
+    name, uri = "gate-sequence", runs["uri"]
+    first = register_run(runs["good"], name)
+    assert first.champion and "no champion yet" in first.reason
+    assert gate_tags(uri, name, first.version)["gate.decision"] == "first champion"
+
+    worse = register_run(runs["bad"], name)
+    assert not worse.champion and "no evidence of improvement" in worse.reason
+    assert aliases(uri, name) == (first.version, worse.version)
+    tags = gate_tags(uri, name, worse.version)
+    assert tags["gate.decision"] == "not promoted"
+    assert float(tags["gate.delta_ci_high"]) < 0  # clearly worse, not just unproven
+    assert tags["gate.champion_version"] == first.version
+    assert tags["gate.set_images"] == "99" and len(tags["gate.set_digest"]) == 64
+    assert "test split shared by runs" in tags["gate.set"]
+
+    equal = register_run(runs["good"], name)  # the champion's own model again
+    assert not equal.champion
+    assert equal.gate.result.delta.value == 0.0 and equal.gate.result.delta.low == 0.0
+
+    forced = register_run(runs["bad"], name, GateOptions(force=True))
+    assert forced.champion and "--force replaced champion version" in forced.reason
+    assert "the gate alone would keep it" in forced.reason
+    assert gate_tags(uri, name, forced.version)["gate.decision"] == "forced"
+    assert aliases(uri, name) == (forced.version, forced.version)
+
+    better = register_run(runs["good"], name)
+    assert better.champion and f"beats champion version {forced.version}" in better.reason
+    assert better.gate.result.delta.low > 0
+    assert aliases(uri, name) == (better.version, better.version)
+    tags = gate_tags(uri, name, better.version)
+    assert tags["gate.decision"] == "promoted"
+    # The gate judged both models on the same 99 images the worse one was refused on.
+    assert tags["gate.set_digest"] == gate_tags(uri, name, worse.version)["gate.set_digest"]
+    assert float(tags["gate.delta"]) == pytest.approx(-float(
+        gate_tags(uri, name, worse.version)["gate.delta"]), abs=1e-4)
+
+
+def test_the_decision_is_in_the_versions_own_model_card(runs):
+    name = "gate-card"
+    register_run(runs["good"], name)
+    refused = register_run(runs["bad"], name)
+    client = mlflow.MlflowClient(runs["uri"])
+    cards = {}
+    for version in ("1", refused.version):
+        file = client.get_model_version(name, version).tags["model_card"]
+        with isolated_tracking(runs["root"]):
+            path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}/{file}")
+        cards[version] = Path(path).read_text()
+    assert "## Promotion gate" in cards["1"] and "**first champion**" in cards["1"]
+    card = cards[refused.version]
+    assert "**not promoted**" in card and "Δ = this version - champion" in card
+    assert gate_tags(runs["uri"], name, refused.version)["gate.set_digest"] in card
+    assert "99 images" in card and "paired bootstrap over lesions" in card
+
+
+@pytest.mark.slow
+def test_different_splits_need_gate_data_exit_2_and_nothing_is_registered(runs):
+    name = "gate-splits"
+    register_run(runs["good"], name)
+    result = runs["store"].cli("register", "--run-id", runs["other_split"], "--name", name)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: run {runs['other_split']} and champion version 1")
+    assert "--gate-data DIR" in last and "Traceback" not in result.stderr
+    client = mlflow.MlflowClient(runs["uri"])
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+    sample = str(default_data_dir())
+    result = runs["store"].cli("register", "--run-id", runs["other_split"], "--name", name,
+                    "--gate-data", sample)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = result.stdout.strip().splitlines()
+    assert line.startswith(f"registered {name} version 2 from run {runs['other_split']}")
+    assert "660 images" in line and "Δ balanced accuracy" in line
+    # Both models trained on part of the sample: the gate says so rather than hide it.
+    assert "the comparison favours that model" in result.stderr
+    assert gate_tags(runs["uri"], name, "2")["gate.set"] == f"all of {sample}"
+
+
+def test_register_picks_by_validation_and_refuses_test_metrics(runs):
+    client = mlflow.MlflowClient(runs["uri"])
+    experiment = client.get_experiment_by_name("skin-lesion").experiment_id
+    # An evaluation run with higher scores than any model must never be picked.
+    with isolated_tracking(runs["root"]), mlflow.start_run(experiment_id=experiment):
+        mlflow.set_tag("skinml.role", "evaluation")
+        mlflow.log_metrics({"best_val_balanced_accuracy": 0.99, "test_balanced_accuracy": 0.99})
+    result = runs["store"].cli("register", "--experiment", "skin-lesion", "--name", "gate-pick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = {r: client.get_run(r).data.metrics["best_val_balanced_accuracy"]
+               for r in (runs["good"], runs["bad"], runs["other_split"])}
+    best = max(trained, key=trained.get)
+    assert f"from run {best}" in result.stdout
+
+    with isolated_tracking(runs["root"]), pytest.raises(RegistryError) as refused:
+        best_run("skin-lesion", "test_balanced_accuracy")
+    assert str(refused.value) == (
+        "--metric test_balanced_accuracy is a test metric: the test split is reported, "
+        "never used to choose; pick by validation, e.g. best_val_balanced_accuracy")
+    with isolated_tracking(runs["root"]):
+        assert best_run("skin-lesion", "val_loss").data.metrics["val_loss"] == min(
+            client.get_run(r).data.metrics["val_loss"] for r in trained)  # lower is better
+
+
+def test_a_champion_that_moved_during_the_gate_is_judged_again(runs):
+    """Two registrations racing: the later one must beat the champion the earlier one set."""
+    from skinml.workflows.registry import _judged_against_current
+
+    name, client = "gate-race", mlflow.MlflowClient(runs["uri"])
+    bad = client.get_run(runs["bad"])
+    # The bad model's registration judged while there was no champion yet ...
+    judged, note = _judge(bad, None, name, GateOptions())
+    assert judged is None
+    # ... and meanwhile a racing registration made the good model champion.
+    register_run(runs["good"], name)
+    compared, judged, _ = _judged_against_current(client, name, bad, None, judged, note,
+                                                  GateOptions())
+    assert str(compared.version) == "1" and compared.run_id == runs["good"]
+    assert judged.result.delta.high < 0  # judged again, against the new champion: no win
+
+
+def test_first_registration_becomes_champion_and_challenger(runs):
+    name = "first-registration"
+    with isolated_tracking(runs["root"]):
+        first = register_run(runs["good"], name)
+    client = mlflow.MlflowClient(runs["uri"])
+    version = client.get_model_version_by_alias(name, CHAMPION)
+    assert str(version.version) == first.version
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == version.version
+    assert version.tags["run_id"] == runs["good"]
+    assert float(version.tags["test_balanced_accuracy"]) == pytest.approx(
+        client.get_run(runs["good"]).data.metrics["test_balanced_accuracy"])
+    assert "ham10000-train:" in version.tags["dataset_digest"]
+    assert "val_balanced_accuracy" in version.tags and version.description
+    assert "no champion yet" in first.reason
