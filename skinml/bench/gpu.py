@@ -38,11 +38,11 @@ from skinml.serving.server import running_server
 from skinml.tracking import reader
 from skinml.tracking.logged_model import load_model
 from skinml.tracking.store import use_store
-from skinml.training.checkpoint import Checkpoint
+from skinml.training.checkpoint import Checkpoint, checkpoint_path
 from skinml.training.choices import load_run_config
 from skinml.training.engine import fit, train_one_epoch
 from skinml.training.recipe import LoopSettings
-from skinml.workflows.prepared import batches_for, checkpoint_path, prepare_data
+from skinml.workflows.prepared import batches_for, prepare_data
 from skinml.workflows.train import build_recipe, train
 
 

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from skinml.core.config import Config
 from skinml.core.files import replaced_atomically
+from skinml.data.cache import cache_root
 from skinml.training.recipe import StepTools
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,12 @@ class TrainingState:
     best_score: float = -math.inf
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     stale_epochs: int = 0
+
+
+def checkpoint_path(config: Config, run_id: str) -> Path:
+    """`runtime.checkpoint_dir`/<run_id>/last.pt, by default under the cache folder."""
+    root = Path(config.runtime.checkpoint_dir or cache_root() / "checkpoints").expanduser()
+    return root / run_id / "last.pt"
 
 
 @dataclass(frozen=True)

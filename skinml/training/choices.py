@@ -45,9 +45,12 @@ def load_run_config(path: str | Path | None = None, overrides: Iterable[str] = (
     file the bad name came from."""
     overrides = list(overrides)
     config = load_config(path, overrides)  # types and ranges first, each blamed on its source
-    last = {parse_override(item)[0]: item for item in overrides}  # the one that counts
-    for key, item in last.items():
-        check_choice(key, parse_override(item)[1], source=f"override {item}")
+    last = {}  # key -> (value, item): the override of a key that counts is its last
+    for item in overrides:
+        key, value = parse_override(item)
+        last[key] = (value, item)
+    for key, (value, item) in last.items():
+        check_choice(key, value, source=f"override {item}")
     return check_choices(config, str(path) if path is not None else "config")
 
 

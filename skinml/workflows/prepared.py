@@ -12,7 +12,7 @@ import torch
 
 from skinml.core.config import Config, DataConfig
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
-from skinml.data.cache import ImageCache, cache_root, prepare_cache
+from skinml.data.cache import ImageCache, prepare_cache
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
 from skinml.training.distributed import SINGLE, Cluster, barrier
@@ -82,9 +82,3 @@ def split_batches(data: PreparedData, config: Config, device: torch.device) -> S
     return SplitBatches(batches_for(data, "train", batch, device),
                         batches_for(data, "val", eval_batch, device),
                         batches_for(data, "test", eval_batch, device))
-
-
-def checkpoint_path(config: Config, run_id: str) -> Path:
-    """`runtime.checkpoint_dir`/<run_id>/last.pt, by default under the cache folder."""
-    root = Path(config.runtime.checkpoint_dir or cache_root() / "checkpoints").expanduser()
-    return root / run_id / "last.pt"

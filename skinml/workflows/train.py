@@ -24,7 +24,12 @@ from skinml.tracking.logged_model import model_meta
 from skinml.tracking.reader import resumable
 from skinml.tracking.writer import RunLog, training_run
 from skinml.training.balance import build_loss
-from skinml.training.checkpoint import Checkpoint, TrainingState, checkpoint_config
+from skinml.training.checkpoint import (
+    Checkpoint,
+    TrainingState,
+    checkpoint_config,
+    checkpoint_path,
+)
 from skinml.training.choices import build_run_config
 from skinml.training.device import precision_for, resolve_device, seed_everything
 from skinml.training.distributed import (
@@ -47,13 +52,7 @@ from skinml.training.recipe import (
     preprocess_of,
     steps_per_epoch,
 )
-from skinml.workflows.prepared import (
-    PreparedData,
-    SplitBatches,
-    checkpoint_path,
-    prepare_data,
-    split_batches,
-)
+from skinml.workflows.prepared import PreparedData, SplitBatches, prepare_data, split_batches
 
 log = logging.getLogger(__name__)
 
