@@ -1,7 +1,8 @@
 """Optuna's figures of a study, labelled and sized for the MLflow UI's preview (900 x 600 px).
 
 Each is drawn by Optuna's matplotlib backend and then given plain titles and axis names; a
-figure with nothing to show yet (too few trials) is skipped with a warning, not drawn empty.
+figure with nothing to show yet (too few trials) is skipped, not drawn empty, and one log
+line says which and why.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
 import optuna
-from matplotlib import rc_context
+from matplotlib import colormaps, rc_context
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
@@ -21,13 +24,18 @@ from skinml.workflows.tuning.options import OBJECTIVE
 log = logging.getLogger(__name__)
 
 PARALLEL_PARAMS = 5  # more axes than this are unreadable at the MLflow UI's preview size
+# Optuna colours parallel-coordinate lines from white (worst trial) to dark blue: the
+# lightest 35% of the colour map would vanish on the white figure.
+LIGHTEST_SHOWN = 0.35
+TRIAL_COLOURS = colormaps["tab10"]  # intermediate values: strong colours, repeated every 10
+EDGE_MARGIN = 0.06  # of each parallel axis's height, kept free above and below the lines
 
 
 def study_figures(study: optuna.Study, objective: str = OBJECTIVE, step: str = "epoch"
                   ) -> dict[str, Figure]:
     """Optuna's matplotlib figures, labelled and sized (900 x 600 px) for the MLflow UI.
 
-    One that cannot be drawn yet (too few trials) is skipped with a warning.
+    One that cannot say anything yet (too few trials) is skipped; one INFO line says why.
     """
     makers = {
         "optimization_history.png": lambda: _history_axes(
@@ -39,10 +47,11 @@ def study_figures(study: optuna.Study, objective: str = OBJECTIVE, step: str = "
             plots.plot_intermediate_values(study), objective, step),
     }
     missing = not_drawable(study)
+    if missing:
+        log.info("study figures not drawn yet: %s", _reasons(missing))
     figures = {}
     for name, make in makers.items():
         if name in missing:
-            log.warning("no %s yet: %s", name, missing[name])
             continue
         try:
             # rc_context undoes the ggplot style Optuna sets for every later figure
@@ -61,14 +70,20 @@ def study_figures(study: optuna.Study, objective: str = OBJECTIVE, step: str = "
 
 
 def not_drawable(study: optuna.Study) -> dict[str, str]:
-    """Figures with nothing to show yet, and why (Optuna would draw them empty)."""
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Figures with nothing to show yet, and why (Optuna would draw them empty or, for
+    importances of parameters that never changed, make numbers up)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     missing = {}
-    if complete == 0:
+    if not complete:
         missing["optimization_history.png"] = "no complete trial"
-    if complete < 2:
+    if len(complete) < 2:
         for name in ("param_importances.png", "parallel_coordinate.png"):
-            missing[name] = f"{complete} complete trial(s), a comparison needs 2"
+            missing[name] = f"{len(complete)} complete trial(s), a comparison needs 2"
+    elif not _sampled_params(study):
+        for name in ("param_importances.png", "parallel_coordinate.png"):
+            missing[name] = "no trial has sampled a parameter"
+    elif all(t.params == complete[0].params for t in complete):
+        missing["param_importances.png"] = "the complete trials all have the same parameters"
     if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         missing["intermediate_values.png"] = "no trial has reported an epoch"
     return missing
@@ -81,6 +96,14 @@ def important_params(study: optuna.Study) -> tuple[list[str], bool]:
         return list(optuna.importance.get_param_importances(study))[:PARALLEL_PARAMS], True
     except (ValueError, RuntimeError, ZeroDivisionError):
         return _sampled_params(study)[:PARALLEL_PARAMS], False
+
+
+def _reasons(missing: dict[str, str]) -> str:
+    """'a.png, b.png (why); c.png (why)': the figures grouped by reason."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in missing.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
 
 
 def _sampled_params(study: optuna.Study) -> list[str]:
@@ -98,6 +121,7 @@ def _history_axes(axes, objective: str):
 
 
 def _importance_axes(axes, objective: str):
+    axes.set_title("", loc="left")  # Optuna's own title, which ours would overprint
     axes.set_title(f"parameter importance for {objective}")
     axes.set_xlabel("importance (Optuna PED-ANOVA; sums to 1)")
     axes.set_ylabel("")
@@ -112,18 +136,53 @@ def _parallel_axes(plots, study: optuna.Study, objective: str):
     which = "most important" if ranked else "first sampled"
     axes.set_title(f"the {len(names)} {which} of {len(_sampled_params(study))} parameters",
                    y=1.03)
+    _keep_lines_visible(axes)
+    # Optuna orders the axes by name and cuts names at 20 characters ("augment.cutmix_al...")
+    axes.set_xticks(axes.get_xticks(), [objective, *sorted(names)])
     axes.tick_params(axis="x", labelrotation=-20)
     for label in axes.get_xticklabels():
         label.set_horizontalalignment("left")
     return axes
 
 
+def _keep_lines_visible(axes) -> None:
+    """No line white on the white figure, none along an edge (clipped to half its width)."""
+    for lines in axes.collections:
+        lines.set_cmap(_without_light_end(lines.get_cmap()))
+    for each in axes.get_shared_x_axes().get_siblings(axes):  # the objective's, each parameter's
+        _pad_vertically(each, EDGE_MARGIN)
+
+
+def _without_light_end(cmap) -> ListedColormap:
+    """`cmap` less its lightest LIGHTEST_SHOWN, so that every line shows on white."""
+    light_first = sum(cmap(0.0)[:3]) > sum(cmap(1.0)[:3])
+    span = (LIGHTEST_SHOWN, 1.0) if light_first else (0.0, 1.0 - LIGHTEST_SHOWN)
+    return ListedColormap(cmap(np.linspace(*span, 256)), name=f"{cmap.name}_shown")
+
+
+def _pad_vertically(axes, fraction: float) -> None:
+    """Widen the y range by `fraction` of its height at each end, on the axis's own scale
+    (linear or log), so that lines at the lowest or highest value stay inside."""
+    scale = axes.yaxis.get_transform()
+    low, high = scale.transform(axes.get_ylim())
+    pad = (high - low) * fraction
+    axes.set_ylim(*scale.inverted().transform([low - pad, high + pad]))
+
+
 def _intermediate_axes(axes, objective: str, step: str):
     what = "running mean " if step == "fold" else ""
     axes.set_title(f"{what}after each {step}, one line per trial (pruned trials stop early)")
     _label_integer_x(axes, step, objective)
-    if axes.get_legend() is not None and len(axes.get_lines()) > 12:
-        axes.get_legend().remove()  # a legend this long runs off the figure
+    lines = axes.get_lines()
+    for number, line in enumerate(lines):  # Optuna's tab20 has pale shades, 20 colours at most
+        line.set_color(TRIAL_COLOURS(number % TRIAL_COLOURS.N))
+        line.set_markersize(8)  # a trial pruned after its first step is this one dot
+    legend = axes.get_legend()
+    if legend is not None and len(lines) > 12:
+        legend.remove()  # a legend this long runs off the figure
+    elif legend is not None:
+        for handle, line in zip(legend.legend_handles, lines, strict=True):
+            handle.set_color(line.get_color())
     return axes
 
 
