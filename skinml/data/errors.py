@@ -41,3 +41,7 @@ class CorruptImageError(DataError):
 
 class SplitError(DataError):
     """A split cannot be made or is invalid (bad fractions, lesion leakage)."""
+
+
+class TooManyFoldsError(SplitError):
+    """More cross-validation folds than some class has lesions outside the test split."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from fractions import Fraction
 
@@ -9,11 +10,17 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from skinml.data.errors import SplitError
+from skinml.data.errors import SplitError, TooManyFoldsError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _MAX_FOLDS = 100
 _MIN_LESIONS_EVERYWHERE = 3
+# Balanced accuracy averages the 7 class recalls: a class with n validation images moves a
+# fold's score in steps of 1/(7n), more than 2.9 points below 5 images, which is more than
+# the gaps between configs that a fold's best epoch and a study's trials are chosen on.
+MIN_FOLD_IMAGES = 5
 
 
 def split_by_lesion(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float = 0.15,
@@ -51,27 +58,38 @@ def assign_folds(df: pd.DataFrame, split: pd.Series, k: int, seed: int = 0) -> p
     """Cross-validation folds 0..k-1 for the rows outside the test split (test rows: -1).
 
     The test split stays as `split_by_lesion` made it, so cross-validation never sees it;
-    the rest is cut by StratifiedGroupKFold on dx, grouped by lesion, and every class with
-    at least k lesions then gets a lesion in every fold.
+    the rest is cut by StratifiedGroupKFold on dx, grouped by lesion, and every class then
+    gets a lesion in every fold (`check_fold_count` refuses a k for which it cannot). One
+    warning when some fold validates on fewer than MIN_FOLD_IMAGES images of a class.
     """
+    check_fold_count(df, split, k)
+    rest = df[split.to_numpy() != "test"]
+    # Every class has >= k lesions, so >= k images: sklearn stratifies without a warning.
+    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    assigned = np.zeros(len(rest), dtype=int)
+    for fold, (_, rows) in enumerate(folds.split(rest, rest["dx"], rest["lesion_id"])):
+        assigned[rows] = fold
+    repaired = _give_each_part_a_lesion(rest, pd.Series(assigned, index=rest.index),
+                                        tuple(range(k)), k)
+    _warn_of_small_folds(rest["dx"], repaired, k)
+    return repaired.reindex(df.index, fill_value=-1).astype(int).rename("fold")
+
+
+def check_fold_count(df: pd.DataFrame, split: pd.Series, k: int) -> None:
+    """Raise TooManyFoldsError unless every class has at least k lesions outside the test
+    split (with fewer, some fold would validate on no image of that class)."""
     if k < 2:
         raise SplitError(f"cross-validation needs at least 2 folds, got {k}")
     rest = df[split.to_numpy() != "test"]
-    if rest["lesion_id"].nunique() < k:
-        raise SplitError(f"cannot cut {rest['lesion_id'].nunique()} lesions outside the test "
-                         f"split into {k} folds")
-    if rest["dx"].value_counts().max() >= k:
-        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    else:
-        folds = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    assigned = np.zeros(len(rest), dtype=int)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class")
-        for fold, (_, rows) in enumerate(folds.split(rest, rest["dx"], rest["lesion_id"])):
-            assigned[rows] = fold
-    repaired = _give_each_part_a_lesion(rest, pd.Series(assigned, index=rest.index),
-                                        tuple(range(k)), k)
-    return repaired.reindex(df.index, fill_value=-1).astype(int).rename("fold")
+    lesions = (rest.groupby("dx")["lesion_id"].nunique()
+               .reindex(sorted(df["dx"].unique()), fill_value=0))
+    fewest, dx = int(lesions.min()), lesions.idxmin()
+    if fewest >= k:
+        return
+    limit = (f"at most {fewest} folds" if fewest >= 2
+             else "cross-validation needs at least 2 of each class")
+    raise TooManyFoldsError(f"--folds {k}: class {dx} has only {fewest} "
+                            f"lesion{'' if fewest == 1 else 's'} outside the test split; {limit}")
 
 
 def fold_split(split: pd.Series, folds: pd.Series, fold: int) -> pd.Series:
@@ -96,6 +114,17 @@ def assert_no_leakage(df: pd.DataFrame, split: pd.Series) -> None:
         where = sorted(split[df["lesion_id"] == lesion].unique())
         raise SplitError(f"lesion {lesion} has images in {' and '.join(where)} "
                          f"({len(leaking)} lesion(s) leak across splits)")
+
+
+def _warn_of_small_folds(dx: pd.Series, folds: pd.Series, k: int) -> None:
+    images = pd.crosstab(dx, folds)  # class x fold: validation images
+    small = (images < MIN_FOLD_IMAGES).any(axis=0)
+    if small.any():
+        fewest = images.min(axis=1)
+        log.warning("--folds %d: %d of %d validation folds hold fewer than %d images of a "
+                    "class (as few as %d of %s); their scores are noisy, fewer folds give "
+                    "steadier ones", k, int(small.sum()), k, MIN_FOLD_IMAGES,
+                    int(fewest.min()), fewest.idxmin())
 
 
 def _folds_for(val_frac: float, test_frac: float) -> tuple[int, int, int]:

@@ -87,6 +87,7 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
     hooks = hooks or CVHooks()
     if data is None or data.config != config.data:
         data = prepare_data(config)
+    # Before the parent run opens: too many folds for a class is refused with no run made.
     assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed)
     name = config.runtime.run_name or f"{config.model.arch}-cv{folds}-s{config.runtime.seed}"
     with cv_run(config, name, folds, resume_run_id, hooks.nested, hooks.tags) as parent:
@@ -96,6 +97,8 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
             parent.log_config(config)
             parent.log_data(data.frame, data.split, data.source)
         finished = _finished_folds(parent.run_id)
+        if resume_run_id is not None:
+            log.info("%s", _resume_line(resume_run_id, finished, folds))
         results = []
         for fold in range(folds):
             split = fold_split(data.split, assignment, fold)
@@ -185,6 +188,17 @@ def _log_parent(parent: RunLog, config: Config, data: PreparedData,
              test_scores["balanced_accuracy"], len(test_rows))
     return CVResult(parent.run_id, model_uri, [r.run_id for r in results], oof_scores,
                     test_scores, float(fold_scores.mean()))
+
+
+def _resume_line(parent_id: str, finished: dict[int, str], folds: int) -> str:
+    """Which folds a resumed cross-validation keeps (1-based, as logged) and where it
+    starts training again."""
+    kept = ", ".join(f"fold {fold + 1} (run {run_id})"
+                     for fold, run_id in sorted(finished.items())) or "no fold"
+    todo = [fold for fold in range(folds) if fold not in finished]
+    start = (f"starting with fold {todo[0] + 1} of {folds}" if todo
+             else f"all {folds} folds finished, none to train")
+    return f"resuming cross-validation {parent_id}: keeping {kept}; {start}"
 
 
 def _finished_folds(parent_id: str) -> dict[int, str]:

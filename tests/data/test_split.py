@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -9,7 +11,8 @@ from hypothesis import strategies as st
 
 from skinml.core.labels import CLASSES
 from skinml.data import SPLITS, SplitError, assert_no_leakage, load_ham10000, split_by_lesion
-from skinml.data.split import assign_folds, fold_split
+from skinml.data.errors import TooManyFoldsError
+from skinml.data.split import MIN_FOLD_IMAGES, assign_folds, fold_split
 
 from ..conftest import FULL_METADATA
 
@@ -90,6 +93,13 @@ def test_split_properties_hold_on_random_metadata(frame, seed):
 @given(frame=metadata(), seed=st.integers(0, 2**16), k=st.integers(2, 5))
 def test_fold_properties_hold_on_random_metadata(frame, seed, k):
     split = split_by_lesion(frame, seed=seed)
+    rest = frame[split != "test"]
+    lesions = rest.groupby("dx")["lesion_id"].nunique().reindex(frame["dx"].unique(),
+                                                                fill_value=0)
+    if lesions.min() < k:  # some fold would validate on no image of that class
+        with pytest.raises(TooManyFoldsError, match=f"--folds {k}: class "):
+            assign_folds(frame, split, k, seed=seed)
+        return
     folds = assign_folds(frame, split, k, seed=seed)
     assert folds.index.equals(frame.index)
     assert (folds[split == "test"] == -1).all()  # the test split is never a fold
@@ -97,21 +107,63 @@ def test_fold_properties_hold_on_random_metadata(frame, seed, k):
     assert (folds.groupby(frame["lesion_id"]).nunique() == 1).all()  # lesion-disjoint
     for fold in range(k):
         assert_no_leakage(frame, fold_split(split, folds, fold))
-    rest = frame[split != "test"]
-    lesions = rest.groupby("dx")["lesion_id"].nunique()
-    for dx in lesions.index[lesions >= k]:
+    for dx in lesions.index:  # every class validates in every fold
         assert set(folds[rest.index[rest["dx"] == dx]]) == set(range(k)), dx
     assert folds.equals(assign_folds(frame, split, k, seed=seed))
 
 
 def test_folds_need_two_and_enough_lesions():
-    frame = pd.DataFrame({"lesion_id": ["A", "B", "C"], "dx": ["nv"] * 3,
-                          "image_id": ["1", "2", "3"]})
-    split = pd.Series(["train", "val", "test"])
+    frame = pd.DataFrame({"lesion_id": ["A", "B", "C", "D"], "dx": ["nv", "nv", "nv", "df"],
+                          "image_id": ["1", "2", "3", "4"]})
+    split = pd.Series(["train", "val", "test", "test"])
     with pytest.raises(SplitError, match="at least 2 folds"):
         assign_folds(frame, split, 1)
-    with pytest.raises(SplitError, match="cannot cut 2 lesions outside the test split into 3"):
-        assign_folds(frame, split, 3)
+    with pytest.raises(TooManyFoldsError, match="--folds 2: class df has only 0 lesions "
+                       "outside the test split; cross-validation needs at least 2 of each"):
+        assign_folds(frame, split, 2)  # df's one lesion is in the test split
+
+
+@pytest.fixture(scope="module")
+def sample_lesions() -> tuple[pd.DataFrame, pd.Series, pd.Series]:
+    """The bundled sample, its split, and its lesions per class outside the test split."""
+    frame = load_ham10000()
+    split = split_by_lesion(frame)
+    rest = frame[split != "test"]
+    return frame, split, rest.groupby("dx")["lesion_id"].nunique()
+
+
+def test_more_folds_than_a_class_has_lesions_is_refused_naming_the_class(sample_lesions):
+    frame, split, lesions = sample_lesions
+    fewest, dx = lesions.min(), lesions.idxmin()
+    message = (f"--folds {fewest + 1}: class {dx} has only {fewest} lesions outside the test "
+               f"split; at most {fewest} folds")
+    with pytest.raises(TooManyFoldsError) as refused:
+        assign_folds(frame, split, fewest + 1)
+    assert str(refused.value) == message
+
+
+def test_folds_too_small_to_score_steadily_warn_once(sample_lesions, caplog):
+    frame, split, lesions = sample_lesions
+    k = int(lesions.min())  # accepted, but each fold validates on about one lesion of dx
+    with caplog.at_level(logging.WARNING, logger="skinml.data.split"):
+        folds = assign_folds(frame, split, k)
+    rest = folds[folds >= 0]
+    images = pd.crosstab(frame.loc[rest.index, "dx"], rest)
+    small = int((images < MIN_FOLD_IMAGES).any(axis=0).sum())
+    assert 0 < small <= k
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--folds {k}: {small} of {k} validation folds hold fewer than {MIN_FOLD_IMAGES} "
+        f"images of a class (as few as {images.min(axis=1).min()} of "
+        f"{images.min(axis=1).idxmin()}); their scores are noisy, fewer folds give steadier ones"]
+
+
+def test_folds_large_enough_to_score_do_not_warn(sample_lesions, caplog):
+    frame, split, _ = sample_lesions
+    with caplog.at_level(logging.WARNING, logger="skinml.data.split"):
+        folds = assign_folds(frame, split, 3)
+    rest = folds[folds >= 0]
+    assert pd.crosstab(frame.loc[rest.index, "dx"], rest).min().min() >= MIN_FOLD_IMAGES
+    assert caplog.records == []
 
 
 def test_assert_no_leakage_names_the_leaking_lesion():

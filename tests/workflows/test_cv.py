@@ -4,6 +4,7 @@ and metrics, the fold ensemble served by `mlflow models serve`, and resume after
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from mlflow import MlflowClient
 
 from skinml.core.config import load_config
 from skinml.core.labels import PROBABILITY_COLUMNS
+from skinml.data import load_ham10000, split_by_lesion
 from skinml.evaluation.metrics import balanced_accuracy, fold_mean_balanced_accuracy, macro_auc
 from skinml.serving.server import DIRECT, running_server
 from skinml.tracking.logged_model import predict_paths
@@ -27,7 +29,15 @@ from skinml.tracking.reader import logged_model_uri
 from skinml.workflows.cv import FOLD_TAG, PARENT_TAG, cross_validate
 from skinml.workflows.registry import card_file, register_run
 
-from ..conftest import DEMO, b64, build_folder, isolated_tracking, refused_statements, tiny
+from ..conftest import (
+    DEMO,
+    b64,
+    build_folder,
+    isolated_tracking,
+    refused_statements,
+    skinml_in_process,
+    tiny,
+)
 
 FOLDS = 3
 
@@ -120,8 +130,30 @@ def test_the_parent_registers_like_any_run_with_its_model_card(cv):
     assert "each fold's own" in card
 
 
+@pytest.mark.parametrize("command", [["cv"], ["tune", "--objective", "cv"]])
+def test_more_folds_than_a_class_has_lesions_is_refused_before_any_run(tracking, tmp_path,
+                                                                       command):
+    storage = tmp_path / "optuna.db"
+    if command[0] == "tune":  # refused before the study exists, not once per trial
+        command = [*command, "--storage", f"sqlite:///{storage}"]
+    data = load_config(DEMO).data
+    frame = load_ham10000()
+    split = split_by_lesion(frame, val_frac=data.val_frac, test_frac=data.test_frac,
+                            seed=data.split_seed)
+    lesions = frame[split != "test"].groupby("dx")["lesion_id"].nunique()
+    fewest, dx = lesions.min(), lesions.idxmin()
+    result = skinml_in_process(*command, "--config", str(DEMO), "--folds", str(fewest + 1),
+                               *[f"--set={o}" for o in tiny(None)])
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"error: --folds {fewest + 1}: class {dx} has only {fewest} lesions outside the test "
+        f"split; at most {fewest} folds")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert not storage.exists()
+
+
 @pytest.mark.slow
-def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
+def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv, caplog):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cv["uri"], "SKINML_CACHE":
            str(cv["root"] / "cache")}
     experiment = MlflowClient().get_experiment_by_name("skin-lesion").experiment_id
@@ -144,7 +176,13 @@ def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
     process.wait()
     assert mlflow.get_run(parent_id).info.status == "RUNNING"  # killed, not finished
 
-    resumed = cross_validate(load_config(DEMO, cv["overrides"]), FOLDS, resume_run_id=parent_id)
+    with caplog.at_level(logging.INFO, logger="skinml.workflows.cv"):
+        resumed = cross_validate(load_config(DEMO, cv["overrides"]), FOLDS,
+                                 resume_run_id=parent_id)
+    kept = next(r.info.run_id for r in children(parent_id) if r.data.tags[FOLD_TAG] == "0")
+    assert [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()] == [
+        f"resuming cross-validation {parent_id}: keeping fold 1 (run {kept}); "
+        f"starting with fold 2 of {FOLDS}"]
     uninterrupted = cv["result"]
     assert resumed.run_id == parent_id
     assert resumed.oof == uninterrupted.oof and resumed.test == uninterrupted.test

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from skinml.core.config import Config, shipped_or_path
 from skinml.core.errors import SkinmlError
+from skinml.data.split import check_fold_count
 from skinml.evaluation import reports
 from skinml.tracking import reader
 from skinml.tracking.retry import is_create_race, retry_create_race
@@ -53,8 +54,11 @@ _STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED",
 def tune(options: TuneOptions) -> TuneResult:
     base = load_run_config(options.config, options.overrides)
     space = load_search_space(options.search_space)
-    study = open_study(options)
+    check_options(options)
     data = prepare_data(base)  # the cache is built (or found) once for every trial
+    if options.objective == "cv":  # refused before the study exists, not once per trial
+        check_fold_count(data.frame, data.split, options.folds)
+    study = open_study(options)
     with study_run(base.runtime.experiment, options.study_name, masked(options.storage),
                    logged_options(options)) as parent:
         if _complete(study) >= options.n_trials:
@@ -129,8 +133,7 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
                       _pruned_epochs_saved(study, options, base.optim.epochs))
     verdict = (judge_best(best, options, base, data)
                if best is not None and options.verdict else None)
-    if verdict is not None:
-        log.info("%s", verdict.line())
+    if verdict is not None:  # the CLI prints its line; logged here too it showed twice
         log_verdict(verdict.line(), verdict.delta, verdict.comparison.line())
     registration = None
     if best is not None and options.register_best:
