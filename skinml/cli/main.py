@@ -1,8 +1,9 @@
-"""The `skinml` command group: logging set up once, and every SkinmlError one line, exit 2.
+"""The `skinml` command group: logging set up once, every SkinmlError one line and exit 2,
+Ctrl-C one line and exit 130.
 
-Commands live one group per module (`data`, `runs`, `models`, `bench`) and import what they
-run inside their own body: `skinml --help` and a mistyped option answer in a fraction of a
-second instead of waiting for torch and MLflow to import.
+Commands live one group per module (`data`, `cache`, `runs`, `models`, `bench`) and import
+what they run inside their own body: `skinml --help` and a mistyped option answer in a
+fraction of a second instead of waiting for torch and MLflow to import.
 """
 
 from __future__ import annotations
@@ -13,23 +14,49 @@ import sys
 
 import click
 
-from skinml.cli import bench, data, models, runs
+from skinml.cli import bench, cache, data, models, runs
 from skinml.core.errors import SkinmlError
+
+RESUMABLE = ("train", "cv")  # commands whose interrupted run `--resume RUN_ID` continues
 
 
 class _Cli(click.Group):
-    """Turns a SkinmlError anywhere below into `error: <reason>` and exit code 2."""
+    """Turns a SkinmlError anywhere below into `error: <reason>` and exit code 2, and Ctrl-C
+    into one line (with the command that continues the run) and exit code 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SkinmlError as exc:
             click.echo(f"error: {exc}", err=True)
-            if os.environ.get("MLFLOW_RUN_ID"):  # the run `mlflow run` made says why, too
-                from skinml.tracking.writer import tag_launching_run_error
-
-                tag_launching_run_error(str(exc))
+            _tag_launching_run(str(exc))
             ctx.exit(2)
+        except click.UsageError as exc:  # click prints it; the run `mlflow run` made says why
+            _tag_launching_run(exc.format_message())
+            raise
+        except KeyboardInterrupt as exc:
+            click.echo(_interrupted(ctx.invoked_subcommand, getattr(exc, "run_id", None)),
+                       err=True)
+            ctx.exit(130)  # 128 + SIGINT, as shells expect
+
+
+def _interrupted(command: str | None, run_id: str | None) -> str:
+    if run_id is None or os.environ.get("RANK", "0") != "0":
+        return "interrupted"
+    if command in RESUMABLE:
+        return (f"interrupted: run {run_id} is marked KILLED; continue it with: "
+                f"skinml {command} --resume {run_id}")
+    if command == "tune":
+        return (f"interrupted: run {run_id} is marked KILLED; the same `skinml tune` command "
+                "continues the study")
+    return f"interrupted: run {run_id} is marked KILLED"
+
+
+def _tag_launching_run(message: str) -> None:
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the run it made says why
+        from skinml.tracking.writer import tag_launching_run_error
+
+        tag_launching_run_error(message)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,5 +74,6 @@ def main(verbose: bool) -> None:
 
 main.add_command(data.data)
 main.add_command(bench.bench)
+main.add_command(cache.cache)
 for command in (*runs.COMMANDS, *models.COMMANDS):
     main.add_command(command)

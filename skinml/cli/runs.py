@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import click
@@ -200,7 +201,7 @@ def _relaunch_under_torchrun(nproc: int) -> None:
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "skinml", *args]
-    click.echo(" ".join(command[1:]), err=True)
+    click.echo(shlex.join(command), err=True)  # the whole command, to rerun by hand
     os.execv(sys.executable, command)
 
 

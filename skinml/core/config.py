@@ -112,6 +112,8 @@ class RuntimeConfig:
     eval_batch_size: int = _opt(256, low=1)
     workers: int = _opt(0, low=0, help="decoding threads for the cache; 0 = one per core")
     checkpoint_dir: str | None = _opt(None, help="null = $SKINML_CACHE/checkpoints")
+    keep_checkpoint: bool = _opt(False, help="keep a finished run's checkpoint (killed and "
+                                 "failed runs keep theirs for --resume)")
     experiment: str = _opt("skin-lesion", help="MLflow experiment (unless `mlflow run` chose)")
     run_name: str | None = _opt(None)
     progress: bool = _opt(True, help="tqdm bars")

@@ -9,3 +9,12 @@ def first_line(exc: BaseException) -> str:
     """An exception's first message line (its type's name when it has no message)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside a run: carries the outermost run's id, so the CLI can print the one
+    command that continues it (the run is marked KILLED, its checkpoint kept)."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id

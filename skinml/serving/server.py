@@ -20,7 +20,7 @@ from mlflow.models import get_model_info
 from skinml.core.errors import SkinmlError, first_line
 from skinml.serving.mlserver import mlserver_command
 from skinml.serving.ports import free_port
-from skinml.tracking.store import require_tracking_store
+from skinml.tracking.store import require_tracking_store, store_hint
 
 # Local servers are reached directly: an http_proxy in the environment (or one urllib cached
 # when it first opened a URL) must not swallow requests to 127.0.0.1.
@@ -34,7 +34,8 @@ def check_model_uri(model_uri: str) -> None:
         get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
         reason = first_line(exc)
-        raise SkinmlError(f"cannot serve {model_uri}: {reason}") from None
+        hint = store_hint() if model_uri.startswith(("models:/", "runs:/")) else ""
+        raise SkinmlError(f"cannot serve {model_uri}: {reason}{hint}") from None
 
 
 def default_workers() -> int:

@@ -30,6 +30,7 @@ from skinml.core.labels import CLASSES, ISIC_COLUMNS, PROBABILITY_COLUMNS, proba
 from skinml.data.decode import open_rgb
 from skinml.data.preprocess import Preprocess
 from skinml.tracking.pyfunc import MAX_PIXELS, RequestLimits
+from skinml.tracking.store import store_hint
 
 WEIGHTS_FORMAT = 1
 PACKAGE = Path(__file__).parents[1]  # the skinml package, copied into every logged model
@@ -115,7 +116,8 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         reason = first_line(exc)
-        raise SkinmlError(f"cannot load model {model_uri}: {reason}") from None
+        hint = store_hint() if model_uri.startswith(("models:/", "runs:/")) else ""
+        raise SkinmlError(f"cannot load model {model_uri}: {reason}{hint}") from None
 
 
 def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.DataFrame:

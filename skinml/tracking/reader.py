@@ -9,12 +9,15 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-from mlflow.entities import Run
+from mlflow.entities import LoggedModel, LoggedModelStatus, Run
 from mlflow.exceptions import MlflowException
+from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
-from skinml.core.errors import SkinmlError
+from skinml.core.errors import SkinmlError, first_line
 from skinml.data import SPLITS
+from skinml.tracking.experiments import ROLE_TAG
+from skinml.tracking.store import store_hint
 
 
 def resumable(run_id: str) -> None:
@@ -22,7 +25,7 @@ def resumable(run_id: str) -> None:
     try:
         status = MlflowClient().get_run(run_id).info.status
     except MlflowException:
-        raise SkinmlError(f"--resume {run_id}: no such run in this tracking store") from None
+        raise SkinmlError(f"--resume {run_id}: no such run{store_hint()}") from None
     if status == "FINISHED":
         raise SkinmlError(f"--resume {run_id}: the run finished; --resume continues a run "
                           "that was killed or failed (start a new run instead)")
@@ -85,7 +88,8 @@ def source_run_id(model_uri: str) -> str:
         model, version = target.rsplit("/", 1)
         return client.get_model_version(model, version).run_id
     except (MlflowException, ValueError):
-        raise SkinmlError(f"cannot find the run behind model {model_uri}") from None
+        raise SkinmlError(f"cannot find the run behind model {model_uri}{store_hint()}") \
+            from None
 
 
 def logged_model_uri(run_id: str) -> str:
@@ -94,10 +98,45 @@ def logged_model_uri(run_id: str) -> str:
 
 
 def model_uri_of(run: Run) -> str:
-    """`models:/m-…` of the model `run` logged."""
-    if not run.outputs.model_outputs:
+    """`models:/m-…` of the model `run` logged.
+
+    A run logs one model; a resumed run whose first attempt was interrupted while logging
+    deleted that attempt's model, which its outputs still list: the live one is searched.
+    """
+    outputs = run.outputs.model_outputs
+    if len(outputs) == 1:
+        return f"models:/{outputs[0].model_id}"
+    live = [m for m in logged_models_of(run.info.run_id, run.info.experiment_id)
+            if m.status == LoggedModelStatus.READY] if outputs else []
+    if not live:
         raise SkinmlError(f"run {run.info.run_id} has no logged model")
-    return f"models:/{run.outputs.model_outputs[0].model_id}"
+    return f"models:/{live[0].model_id}"
+
+
+def logged_models_of(run_id: str, experiment: str) -> list[LoggedModel]:
+    """The models a run logged that are not deleted (any status), newest first."""
+    return mlflow.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+        output_format="list")
+
+
+def require_model(model_uri: str) -> None:
+    """One line (SkinmlError) unless `model_uri` names a model: checked before anything is
+    computed, so a missing run or model is not reported as something else."""
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+        run = get_run(run_id)
+        role = run.data.tags.get(ROLE_TAG)
+        missing = f"no model at {model_uri}: run {run_id}{f' (role: {role})' if role else ''}" \
+                  f" has none at {path or '/'!r}"
+    else:
+        missing = f"no model at {model_uri}"
+    try:
+        get_model_info(model_uri)
+    except (MlflowException, OSError) as exc:
+        detail = "" if model_uri.startswith("runs:/") else f": {first_line(exc)}"
+        raise SkinmlError(f"{missing}{detail}{store_hint()}") from None
 
 
 def get_run(run_id: str) -> Run:
@@ -105,8 +144,15 @@ def get_run(run_id: str) -> Run:
     try:
         return MlflowClient().get_run(run_id)
     except MlflowException:
-        raise SkinmlError(f"run {run_id} does not exist at {mlflow.get_tracking_uri()}") \
-            from None
+        raise SkinmlError(f"run {run_id} does not exist{store_hint()}") from None
+
+
+def run_status(run_id: str) -> str | None:
+    """RUNNING, FINISHED, FAILED or KILLED; None for a run this store does not hold."""
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

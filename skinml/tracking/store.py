@@ -1,14 +1,23 @@
-"""Which tracking store a command uses, and making sure it is there before runs start."""
+"""Which tracking store a command uses: named once by every command that writes runs,
+named in every "not found" of a command that reads, and made sure of before runs start."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from skinml.core.errors import SkinmlError
 from skinml.tracking.retry import retry_create_race
+
+log = logging.getLogger(__name__)
+
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+DEFAULT_STORE = Path("mlflow.db")  # MLflow's default: sqlite:///mlflow.db in the working dir
 
 
 def require_tracking_store(model_uri: str | None = None) -> None:
@@ -20,12 +29,55 @@ def require_tracking_store(model_uri: str | None = None) -> None:
     """
     if model_uri is not None and not model_uri.startswith(("models:/", "runs:/")):
         return
+    path = _sqlite_path(mlflow.get_tracking_uri())
+    if path is not None and not path.is_file():
+        raise SkinmlError(f"no MLflow tracking store at {path}: run this in the folder "
+                          "you trained in, or set MLFLOW_TRACKING_URI")
+
+
+def shown_uri() -> str:
+    """The tracking URI with a relative SQLite path made absolute: the store a person can
+    find again from any folder."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise SkinmlError(f"no MLflow tracking store at {path}: run this in the folder "
-                              "you trained in, or set MLFLOW_TRACKING_URI")
+    path = _sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None else uri
+
+
+@functools.cache
+def announce_store() -> None:
+    """Name the store once per process, the first time a run starts: a command run from
+    another folder otherwise fills a second, silent `mlflow.db` there."""
+    uri = shown_uri()
+    if uri.startswith(("http://", "https://")):
+        log.info("tracking store %s (MLFLOW_TRACKING_URI)", uri)
+        return
+    path = _sqlite_path(mlflow.get_tracking_uri())
+    ui = "mlflow ui" if path is not None and _is_default(path) else \
+        f"mlflow ui --backend-store-uri {uri}"
+    log.info("tracking store %s (browse: `%s`; MLFLOW_TRACKING_URI picks another)", uri, ui)
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui`."""
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def store_hint() -> str:
+    """What to add to a "not found": which store was read, and, when it holds no runs and
+    no models at all, how to point at the one the user trained in."""
+    uri = shown_uri()
+    try:
+        client = MlflowClient()
+        empty = not client.search_registered_models(max_results=1) and not mlflow.search_runs(
+            search_all_experiments=True, max_results=1, output_format="list")
+    except MlflowException:
+        empty = False
+    if empty:
+        return (f" (read {uri}, which holds no runs and no models: run this where you "
+                "trained, or set MLFLOW_TRACKING_URI to that store)")
+    return f" (read {uri})"
 
 
 def open_store() -> None:
@@ -38,3 +90,11 @@ def open_store() -> None:
 def use_store(uri: str) -> None:
     """Track into `uri` in this process from now on."""
     mlflow.set_tracking_uri(uri)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _is_default(path: Path) -> bool:
+    return path.resolve() == DEFAULT_STORE.resolve()

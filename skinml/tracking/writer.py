@@ -27,15 +27,16 @@ from matplotlib import pyplot as plt
 from mlflow.tracking import MlflowClient
 
 from skinml.core.config import Config
+from skinml.core.errors import RunInterrupted
 from skinml.data import SPLITS
 from skinml.evaluation import reports
 from skinml.evaluation.metrics import Interval
 from skinml.evaluation.scoring import ScoredSplit
 from skinml.tracking import logged_model
 from skinml.tracking.experiments import EVALUATIONS, ROLE_TAG, describe_experiment
-from skinml.tracking.reader import dataset_name
+from skinml.tracking.reader import dataset_name, logged_models_of
 from skinml.tracking.retry import retry_create_race
-from skinml.tracking.store import open_store
+from skinml.tracking.store import announce_store, open_store, run_link
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,19 @@ class RunLog:
                   example_image: str, members: list[dict[str, Any]] | None = None) -> str:
         """The pyfunc model named `model`; `example_image` is a file for its input example;
         `members` make it an ensemble."""
+        self._drop_interrupted_model()
         info = logged_model.log_model(weights, meta, example_image, members)
         self.model_id = info.model_id
         return info.model_uri
+
+    def _drop_interrupted_model(self) -> None:
+        """A run logs one model: one that an interrupted attempt of this run left behind
+        (finished or half-written) is deleted before the resumed run logs its own."""
+        experiment = mlflow.get_run(self.run_id).info.experiment_id
+        for model in logged_models_of(self.run_id, experiment):
+            log.info("deleting model %s, left by the interrupted attempt of run %s",
+                     model.model_id, self.run_id)
+            MlflowClient().delete_logged_model(model.model_id)
 
 
 @contextlib.contextmanager
@@ -137,15 +148,23 @@ def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | Non
     otherwise the run goes to `experiment`, created on first use. A resumed run keeps the
     tags it has.
     """
+    announce_store()
     if resume_run_id is None and mlflow.active_run() is None and not _launched_by_mlflow_run():
         mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else name,
                           nested=nested, log_system_metrics=system_metrics) as run:
+        run_id = run.info.run_id
         describe_experiment(run.info.experiment_id, role)
         if resume_run_id is None:
             mlflow.set_tags({"mlflow.runName": name, ROLE_TAG: role, **_git_tags(),
                              **(tags or {})})
-        yield RunLog(run.info.run_id, mlflow.get_run(run.info.run_id).info.run_name)
+        log.info("%s run %s %s: %s", role, run_id, "resumed" if resume_run_id else "started",
+                 run_link(run.info.experiment_id, run_id))
+        try:
+            yield RunLog(run_id, mlflow.get_run(run_id).info.run_name)
+        except KeyboardInterrupt:  # Ctrl-C: KILLED (MLflow would say FAILED), and whose
+            mlflow.end_run("KILLED")  # run it was: the outermost run a user resumes
+            raise RunInterrupted(run_id) from None
 
 
 def training_run(config: Config, run_name: str, resume_run_id: str | None = None,

@@ -3,6 +3,7 @@ opened with `weights_only=True`, so a killed run resumes where it stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -52,10 +53,25 @@ class Checkpoint:
         save_checkpoint(self.path, model, tools, state, self.config)
 
     def restore(self, model: nn.Module, tools: StepTools) -> TrainingState:
-        """Load model, optimiser, schedule, scaler and EMA; the training state to go on from."""
+        """Load model, optimiser, schedule, scaler and EMA; the training state to go on from.
+
+        A run stopped before its first epoch ended has no checkpoint: it starts again from
+        the beginning, in the same run.
+        """
+        if not self.path.is_file():
+            log.info("no checkpoint at %s (stopped before its first epoch ended): training "
+                     "from the start", self.path)
+            return TrainingState()
         state = load_checkpoint(self.path, model, tools)
         log.info("resumed from %s after epoch %d", self.path, state.epoch)
         return state
+
+    def remove(self) -> None:
+        """Free the disk once the run finished: its best weights are in the logged model."""
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the run's folder, when nothing else is in it
+            self.path.parent.rmdir()
+        log.info("removed checkpoint %s (runtime.keep_checkpoint=true keeps it)", self.path)
 
 
 def save_checkpoint(path: Path, model: nn.Module, tools: StepTools, state: TrainingState,

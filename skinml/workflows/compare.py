@@ -114,6 +114,8 @@ def compare(options: CompareOptions) -> tuple[ModelComparison, str]:
     """`skinml compare`: judge both models on one set and log the comparison as a run."""
     if options.split not in SETS:
         raise SkinmlError(f"--split must be one of {', '.join(SETS)}, got {options.split!r}")
+    for uri in (options.uri_a, options.uri_b):  # a missing run or model, said as such
+        reader.require_model(uri)
     runs = {"A": reader.source_run_id(options.uri_a),
             "B": reader.source_run_id(options.uri_b)}
     if options.split == "all":

@@ -21,7 +21,7 @@ from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_m
 from skinml.evaluation.scoring import score_split, subgroup_attributes
 from skinml.models import build_model
 from skinml.tracking.logged_model import model_meta
-from skinml.tracking.reader import resumable
+from skinml.tracking.reader import artifact_names, logged_config, resumable
 from skinml.tracking.writer import RunLog, training_run
 from skinml.training.balance import build_loss
 from skinml.training.checkpoint import (
@@ -111,7 +111,10 @@ def train(config: Config, resume_run_id: str | None = None, *,
             outcome = fit(recipe.model, recipe.tools, sets.train, sets.val,
                           LoopSettings.from_config(config), checkpoint, state=state,
                           on_epoch_end=_epoch_callback(run, hooks), cluster=cluster)
-            return _finish(recipe.model, outcome, config, data, sets, run, run_id, cluster)
+            result = _finish(recipe.model, outcome, config, data, sets, run, run_id, cluster)
+        if cluster.is_main and not config.runtime.keep_checkpoint:
+            checkpoint.remove()  # finished; killed and failed runs never get here
+        return result
     finally:
         close_cluster(cluster)
 
@@ -243,9 +246,13 @@ def _run_name(config: Config) -> str:
 
 
 def _config_to_resume(config: Config, run_id: str) -> Config:
-    """The config a killed run was started with, read from its checkpoint."""
+    """The config a killed run was started with: its checkpoint's, else (stopped before the
+    first checkpoint) the config.yaml the run logged."""
     resumable(run_id)
     path = checkpoint_path(config, run_id)
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint to resume at {path}")
-    return build_run_config(checkpoint_config(path), source=str(path))
+    if path.is_file():
+        return build_run_config(checkpoint_config(path), source=str(path))
+    if "config.yaml" not in artifact_names(run_id):
+        raise ConfigError(f"--resume {run_id}: no checkpoint at {path} and no config.yaml "
+                          "on the run: start a new run instead")
+    return build_run_config(logged_config(run_id), source=f"run {run_id} config.yaml")

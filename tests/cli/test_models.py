@@ -96,6 +96,29 @@ def test_reading_commands_leave_no_tracking_store_behind(tmp_path, monkeypatch):
         assert list(tmp_path.iterdir()) == [], args
 
 
+def test_reading_commands_in_an_empty_store_name_it_and_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. a `skinml train` started here by mistake made it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.MlflowClient().search_experiments()  # the tables exist; no run, no model
+    hint = (f"(read sqlite:///{tmp_path / 'mlflow.db'}, which holds no runs and no models: "
+            "run this where you trained, or set MLFLOW_TRACKING_URI to that store)")
+    champion = "models:/skin-lesion-classifier@champion"
+    missing = "0123456789abcdef0123456789abcdef"
+    for args, start in (
+            (["serve", champion], f"error: cannot serve {champion}: "),
+            (["predict", champion, str(SAMPLE_IMAGES[0])], f"error: cannot load model {champion}"),
+            (["evaluate", champion], f"error: cannot load model {champion}: "),
+            (["compare", champion, f"runs:/{missing}/model"], f"error: no model at {champion}"),
+            (["compare", f"runs:/{missing}/model", champion], f"error: run {missing} does not "),
+            (["register"], "error: experiment 'skin-lesion' does not exist"),
+            (["train", "--resume", missing], f"error: --resume {missing}: no such run")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        line = result.stderr.strip()
+        assert line.startswith(start) and line.endswith(hint) and "\n" not in line, args
+
+
 @pytest.mark.parametrize("args, reason", [
     (["serve", "--mlserver", "--timeout", "5"], "is for mlflow models serve, not MLServer"),
     (["serve", "--mlserver", "--workers", "2"], "is for mlflow models serve, not MLServer"),

@@ -1,11 +1,24 @@
-"""`skinml cv` and `tune`: option mistakes are one line and exit 2 before any work."""
+"""`skinml train`, `cv` and `tune`: option mistakes are one line and exit 2 before any work;
+Ctrl-C is one line naming the command that continues the run, and exit 130."""
 
 from __future__ import annotations
 
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
 import pytest
+import torch
 from click.testing import CliRunner
 
 from skinml.cli import main
+from skinml.data.cache import cache_root
+
+from ..conftest import DEMO, skinml_in_process, tiny
 
 
 @pytest.mark.parametrize("args, reason", [
@@ -28,3 +41,88 @@ def test_tune_option_mistakes_are_exit_2_before_any_study(args, reason, tmp_path
     result = CliRunner().invoke(main, [*args, "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
     assert result.exit_code == 2 and reason in result.output
     assert not (tmp_path / "o.db").exists()
+
+
+def _interrupt_after_first_checkpoint(args: list[str], log: Path, checkpoints: Path
+                                      ) -> subprocess.CompletedProcess:
+    """`skinml ARGS` in its own interpreter, Ctrl-C (SIGINT) once a checkpoint holds an
+    epoch; its stderr goes to `log`, as when a user keeps logs in files."""
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "skinml", *args],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while not any(_epochs(path) for path in checkpoints.glob("*/last.pt")):
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, log.read_text())
+
+
+def _epochs(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["state"]["epoch"]
+    except (OSError, RuntimeError, EOFError):  # being replaced right now
+        return 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_resume_command_and_exits_130(tracking, make_folder, tmp_path):
+    folder = make_folder("interrupt", lesions_per_class=5)
+    checkpoints = cache_root() / "checkpoints"
+    stopped = _interrupt_after_first_checkpoint(
+        ["train", "--config", str(DEMO), *[f"--set={o}" for o in tiny(folder, "optim.epochs=40")]],
+        tmp_path / "train.log", checkpoints)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr and "Aborted" not in stopped.stderr
+    lines = stopped.stderr.splitlines()
+    (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+    run_id, experiment = run.info.run_id, run.info.experiment_id
+    assert [line for line in lines if "tracking store" in line] == [
+        f"INFO: tracking store {tracking} (browse: `mlflow ui`; MLFLOW_TRACKING_URI picks "
+        "another)"]
+    assert (f"INFO: training run {run_id} started: "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}") in lines
+    assert lines[-1] == (f"interrupted: run {run_id} is marked KILLED; continue it with: "
+                         f"skinml train --resume {run_id}")
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    checkpoint = checkpoints / run_id / "last.pt"
+    assert checkpoint.is_file()  # kept for --resume
+
+    resumed = skinml_in_process("train", "--resume", run_id, "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert not checkpoint.exists()  # finished: its best weights are in the logged model
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_fold_names_the_cross_validation_to_resume(tracking, make_folder,
+                                                                 tmp_path):
+    folder = make_folder("interrupt-cv", lesions_per_class=5)
+    stopped = _interrupt_after_first_checkpoint(
+        ["cv", "--config", str(DEMO), "--folds", "2",
+         *[f"--set={o}" for o in tiny(folder, "optim.epochs=40")]],
+        tmp_path / "cv.log", cache_root() / "checkpoints")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["skinml.role"] == "cv"]
+    (fold,) = [r for r in runs if r.data.tags["skinml.role"] == "training"]
+    assert {parent.info.status, fold.info.status} == {"KILLED"}
+    parent_id = parent.info.run_id
+    assert stopped.stderr.splitlines()[-1] == (
+        f"interrupted: run {parent_id} is marked KILLED; continue it with: "
+        f"skinml cv --resume {parent_id}")
+
+
+def test_nproc_relaunches_under_torchrun_and_echoes_the_whole_command(monkeypatch, capsys):
+    from skinml.cli import runs
+
+    monkeypatch.setattr(sys, "argv", ["skinml", "train", "--nproc", "2", "--epochs", "1"])
+    launched = []
+    monkeypatch.setattr(runs.os, "execv", lambda path, argv: launched.append((path, argv)))
+    runs._relaunch_under_torchrun(2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "skinml", "train", "--epochs", "1"]
+    assert launched == [(sys.executable, command)]
+    assert capsys.readouterr().err == shlex.join(command) + "\n"

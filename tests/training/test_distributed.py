@@ -71,7 +71,7 @@ def finish(process: subprocess.Popen) -> str:
 @pytest.mark.slow
 def test_two_process_run_logs_once_with_full_split_metrics(tracking, make_folder):
     folder = make_folder("ddp", lesions_per_class=6)
-    finish(torchrun(folder))
+    finish(torchrun(folder, "runtime.keep_checkpoint=true"))  # its weights are checked below
     (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
     assert run.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_balanced_accuracy")

@@ -83,3 +83,27 @@ def test_models_split_differently_are_compared_only_on_a_named_folder(models, ca
     assert "the comparison favours that model" in caplog.text  # both trained on them
     assert mlflow.MlflowClient(models.uri).get_run(run_id).data.params[
         "compare.split"] == "all"
+
+
+MISSING_RUN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("missing_first", [True, False])
+def test_a_run_that_does_not_exist_is_one_line(models, missing_first):
+    missing = f"runs:/{MISSING_RUN}/model"
+    pair = (missing, models.runs[0].model_uri)
+    result = models.cli_in_process("compare", *(pair if missing_first else pair[::-1]))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: run {MISSING_RUN} does not exist (read "
+                                     f"{models.uri})")
+
+
+def test_a_run_without_a_model_is_said_to_have_none(models):
+    with isolated_tracking(models.root), mlflow.start_run() as run:  # no model logged
+        mlflow.set_tag("skinml.role", "evaluation")
+    result = models.cli_in_process("compare", models.runs[0].model_uri,
+                                   f"runs:/{run.info.run_id}/model")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: no model at runs:/{run.info.run_id}/model: run {run.info.run_id} (role: "
+        f"evaluation) has none at 'model' (read {models.uri})")

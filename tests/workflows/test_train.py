@@ -20,6 +20,7 @@ from skinml.core.config import load_config
 from skinml.core.labels import CLASSES
 from skinml.data import SplitError
 from skinml.data.cache import cache_root
+from skinml.training.checkpoint import Checkpoint
 from skinml.workflows import prepared
 from skinml.workflows.train import train
 
@@ -187,17 +188,21 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
 
 
 @pytest.mark.slow
-def test_mlflow_run_with_a_bad_parameter_says_why_in_one_line_and_on_the_run(tracking,
-                                                                           tmp_path):
-    result = subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local",
-                             "--experiment-name", "skin-lesion", "-P", "epochs=-1"],
+@pytest.mark.parametrize("entry, parameter, message", [
+    ("main", "epochs=-1", "error: --epochs: optim.epochs must be at least 1, got -1"),
+    # click's own usage errors (exit 2 too) say why on the run as well
+    ("cv", "folds=1", "Error: Invalid value for --folds: needs at least 2 folds"),
+])
+def test_mlflow_run_with_a_bad_parameter_says_why_in_one_line_and_on_the_run(
+        tracking, tmp_path, entry, parameter, message):
+    result = subprocess.run(["mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+                             "--experiment-name", "skin-lesion", "-P", parameter],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 1  # MLflow's exit code for a failed run
-    message = "error: --epochs: optim.epochs must be at least 1, got -1"
     assert message in result.stderr.splitlines() and "Traceback" not in result.stderr
     (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
     assert run.info.status == "FAILED"
-    assert run.data.tags["skinml.error"] == message.removeprefix("error: ")
+    assert run.data.tags["skinml.error"] == message.split(": ", 1)[1]
 
 
 @pytest.mark.slow
@@ -249,3 +254,93 @@ def test_one_cuda_epoch_and_the_cuda_pyfunc_equals_the_cpu_one(tracking, make_fo
     on_cpu = python_model.to("cpu").predict(None, frame)
     columns = [c for c in on_cuda.columns if c.startswith("p_")]
     assert np.abs(on_cuda[columns].to_numpy() - on_cpu[columns].to_numpy()).max() < 1e-3
+
+
+KILL_IN_MODEL_LOGGING = """
+import os, signal, sys
+from mlflow.tracking import MlflowClient
+from skinml.cli import main
+
+upload = MlflowClient.log_model_artifacts
+def killed(self, model_id, local_dir):
+    upload(self, model_id, local_dir)  # the model's files are there; it never finishes
+    os.kill(os.getpid(), signal.SIGKILL)
+MlflowClient.log_model_artifacts = killed
+main(sys.argv[1:])
+"""
+
+
+def _one_live_model(run_id: str) -> str:
+    """The run holds exactly one logged model, READY and loadable; its URI."""
+    from skinml.tracking.reader import logged_models_of, model_uri_of
+
+    run = mlflow.get_run(run_id)
+    (model,) = logged_models_of(run_id, run.info.experiment_id)
+    assert model.status.name == "READY"
+    assert model_uri_of(run) == f"models:/{model.model_id}"
+    mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    return model.model_id
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_model_logging_resumes_with_one_model(tracking, small_folder):
+    overrides = tiny(small_folder, "optim.epochs=1")
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_MODEL_LOGGING, "train",
+                             "--config", str(DEMO), *[f"--set={o}" for o in overrides]],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+    assert run.info.status == "RUNNING"  # SIGKILL: nobody ended it
+    (orphan,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            output_format="list")
+
+    resumed = train(load_config(DEMO, overrides), resume_run_id=run.info.run_id)
+    live = _one_live_model(run.info.run_id)
+    assert live != orphan.model_id and resumed.model_uri == f"models:/{live}"
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_an_interrupt_after_the_model_was_logged_resumes_with_one_model(tracking, small_folder):
+    overrides = tiny(small_folder, "optim.epochs=1")
+    upload = mlflow.MlflowClient.log_model_artifacts
+
+    def interrupted(self, model_id, local_dir):
+        upload(self, model_id, local_dir)
+        raise KeyboardInterrupt  # Ctrl-C as the upload returns
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt) as stopped:
+        patch.setattr(mlflow.MlflowClient, "log_model_artifacts", interrupted)
+        train(load_config(DEMO, overrides))
+    run_id = stopped.value.run_id  # the CLI prints the resume command from it
+    assert mlflow.get_run(run_id).info.status == "KILLED"
+    checkpoint = cache_root() / "checkpoints" / run_id / "last.pt"
+    assert checkpoint.is_file()  # kept for --resume
+
+    train(load_config(DEMO, overrides), resume_run_id=run_id)
+    _one_live_model(run_id)
+    assert not checkpoint.exists() and not checkpoint.parent.exists()  # finished: freed
+
+
+@pytest.mark.slow
+def test_keep_checkpoint_keeps_a_finished_runs_checkpoint(tracking, small_folder):
+    result = train(load_config(DEMO, tiny(small_folder, "optim.epochs=1",
+                                          "runtime.keep_checkpoint=true")))
+    assert (cache_root() / "checkpoints" / result.run_id / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
+        tracking, small_folder):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C as the first checkpoint would be written
+
+    config = load_config(DEMO, tiny(small_folder, "optim.epochs=1"))
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt) as stopped:
+        patch.setattr(Checkpoint, "save", interrupted)
+        train(config)
+    run_id = stopped.value.run_id
+    assert not (cache_root() / "checkpoints" / run_id).exists()
+    resumed = train(load_config(DEMO, []), resume_run_id=run_id)  # config from config.yaml
+    assert resumed.run_id == run_id and resumed.best_epoch == 1
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
