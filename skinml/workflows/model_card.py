@@ -4,6 +4,8 @@ less well, and what it cannot do."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from skinml.core.labels import CLASSES, DIAGNOSES
@@ -11,10 +13,15 @@ from skinml.evaluation.metrics import Interval
 from skinml.evaluation.reports import metrics_markdown, table_markdown
 
 
+def gate_file(version: str) -> str:
+    """The version's gate record (JSON), beside its card: versions of one run share a model."""
+    return f"gate_v{version}.json"
+
+
 def render(name: str, version: str, run_id: str, run_name: str, params: dict[str, str],
            metrics: dict[str, float], subgroups: pd.DataFrame | None,
-           split_counts: pd.DataFrame | None, gate: dict[str, str] | None = None) -> str:
-    """Markdown text of the card, from a training run's record and the version's gate tags."""
+           split_counts: pd.DataFrame | None, gate: dict[str, Any] | None = None) -> str:
+    """Markdown text of the card, from a training run's record and the version's gate record."""
     test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
     p = params.get
     temperature = (f"T = {test['temperature']:.3f}" if "temperature" in test
@@ -51,7 +58,7 @@ def render(name: str, version: str, run_id: str, run_name: str, params: dict[str
         sections.append(metrics_markdown(test, "test"))
     else:
         sections.append("No test metrics were recorded for this run.")
-    sections += ["## Promotion gate", *_gate_section(gate)]
+    sections += ["## Promotion gate", *_gate_section(version, gate)]
     sections += _subgroup_section(subgroups)
     sections += [
         "## Known limitations",
@@ -79,28 +86,31 @@ def _subgroup_section(subgroups: pd.DataFrame | None) -> list[str]:
     return [*sections, table_markdown(subgroups[[c for c in columns if c in subgroups]])]
 
 
-def _gate_section(gate: dict[str, str] | None) -> list[str]:
-    """How this version was judged against the champion (from its gate.* version tags)."""
+def _gate_section(version: str, gate: dict[str, Any] | None) -> list[str]:
+    """How this version was judged against the champion (from its gate record)."""
     if not gate:
         return ["This version was registered before promotion gates were recorded."]
-    lines = [f"**{gate['gate.decision']}**: {gate['gate.reason']}"]
-    if "gate.delta" not in gate:
+    lines = [f"**{gate['decision']}**: {gate['reason']}",
+             f"The full record is `{gate_file(version)}`, beside this card."]
+    judged = gate["comparison"]
+    if judged is None:
         return lines
+    accuracy, image_set = judged["balanced_accuracy"], judged["set"]
 
-    def interval(prefix: str) -> Interval:
-        return Interval(*(float(gate[prefix + end]) for end in ("", "_ci_low", "_ci_high")))
+    def interval(key: str) -> Interval:
+        values = accuracy[key]
+        return Interval(values["value"], values["ci_low"], values["ci_high"])
 
-    champion = f"champion version {gate['gate.champion_version']}"
-    rows = [("compared with", f"{champion} (run `{gate['gate.champion_run_id']}`)"),
-            ("gate set", f"{gate['gate.set_images']} images, {gate['gate.set_lesions']} "
-                         f"lesions: {gate['gate.set']}"),
-            ("gate set digest (SHA-256)", f"`{gate['gate.set_digest']}`"),
-            ("balanced accuracy, this version",
-             str(interval("gate.challenger_balanced_accuracy"))),
-            (f"balanced accuracy, {champion}", str(interval("gate.champion_balanced_accuracy"))),
-            ("Δ = this version - champion", interval("gate.delta").signed()),
+    champion = f"champion version {gate['champion']['version']}"
+    rows = [("compared with", f"{champion} (run `{gate['champion']['run_id']}`)"),
+            ("gate set", f"{image_set['images']} images, {image_set['lesions']} lesions: "
+                         f"{image_set['description']}"),
+            ("gate set digest (SHA-256)", f"`{image_set['digest']}`"),
+            ("balanced accuracy, this version", str(interval("challenger"))),
+            (f"balanced accuracy, {champion}", str(interval("champion"))),
+            ("Δ = this version - champion", interval("delta").signed()),
             ("rule", f"promote when the lower end of the 95 % CI of Δ is above "
-                     f"{float(gate['gate.min_delta']):+.3f}; paired bootstrap over lesions "
-                     f"(the same lesions for both models each round), {gate['gate.rounds']} "
-                     f"rounds, seed {gate['gate.seed']}")]
+                     f"{gate['min_delta']:+.3f}; paired bootstrap over lesions (the same "
+                     f"lesions for both models each round), {judged['rounds']} rounds, seed "
+                     f"{judged['seed']}")]
     return lines + ["| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)]

@@ -11,9 +11,11 @@ while the gate ran is judged again, so a racing registration cannot demote a bet
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -23,8 +25,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from skinml.core.errors import SkinmlError
+from skinml.evaluation.metrics import Interval
 from skinml.tracking import reader
 from skinml.tracking.experiments import ROLE_TAG
+from skinml.tracking.store import announce_store, store_hint
 from skinml.tracking.writer import attach_model_file
 from skinml.workflows import compare, model_card
 from skinml.workflows.compare import ImageSet, ModelComparison
@@ -81,8 +85,7 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC) -> Run:
                             f"never used to choose; pick by validation, e.g. {DEFAULT_METRIC}")
     found = reader.experiment_id(experiment)
     if found is None:
-        raise RegistryError(f"experiment {experiment!r} does not exist at "
-                            f"{reader.tracking_uri()}")
+        raise RegistryError(f"experiment {experiment!r} does not exist{store_hint()}")
     lower = any(word in metric for word in _LOWER_IS_BETTER)
     runs = reader.finished_runs(found, f"metrics.`{metric}` {'ASC' if lower else 'DESC'}")
     this_run = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e register` has its own run
@@ -103,6 +106,7 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     The gate runs before anything is written, so a gate that cannot run (different splits
     and no gate folder) leaves the registry as it was.
     """
+    announce_store()  # the registry it writes to, named once
     options = gate or GateOptions()
     client = MlflowClient()
     run = _registrable_run(run_id)
@@ -118,10 +122,12 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     promoted = decision != "not promoted"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    tags = _gate_tags(decision, reason, compared, judged, options)
-    for key, value in tags.items():
+    record = _gate_record(decision, reason, compared, judged, options)
+    attach_model_file(model_uri.removeprefix("models:/"), model_card.gate_file(version),
+                      json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    for key, value in _gate_tags(record, version).items():
         client.set_model_version_tag(name, version, key, value)
-    _attach_model_card(client, run, name, version, tags)
+    _attach_model_card(client, run, name, version, record)
     registration = Registration(name, version, run_id,
                                 run.data.metrics[DEFAULT_METRIC], promoted, reason, judged)
     log.debug("%s", registration.summary())
@@ -211,25 +217,44 @@ def _decide(compared: ModelVersion | None, judged: ModelComparison | None, note:
                             f"{judged.line()}")
 
 
-def _gate_tags(decision: str, reason: str, compared: ModelVersion | None,
-               judged: ModelComparison | None, options: GateOptions) -> dict[str, str]:
-    """The gate's record on the model version (the model card is rendered from it)."""
-    tags = {"gate.decision": decision, "gate.reason": reason,
-            "gate.min_delta": f"{options.min_delta:g}", "gate.forced": str(options.force)}
-    if compared is not None:
-        tags |= {"gate.champion_version": _version(compared),
-                 "gate.champion_run_id": compared.run_id}
+def _gate_record(decision: str, reason: str, compared: ModelVersion | None,
+                 judged: ModelComparison | None, options: GateOptions) -> dict[str, Any]:
+    """The gate's full record: `gate_vN.json` beside the model card, which renders it."""
+    record: dict[str, Any] = {
+        "decision": decision, "reason": reason, "forced": options.force,
+        "min_delta": options.min_delta,
+        "champion": None if compared is None else {"version": _version(compared),
+                                                   "run_id": compared.run_id},
+        "comparison": None}  # None: no gate ran (no champion yet, or --force without one)
     if judged is not None:
         result, image_set = judged.result, judged.image_set
-        for key, interval in (("delta", result.delta), ("challenger", result.a),
-                              ("champion", result.b)):
-            prefix = "gate.delta" if key == "delta" else f"gate.{key}_balanced_accuracy"
-            tags |= {prefix: f"{interval.value:.4f}", f"{prefix}_ci_low": f"{interval.low:.4f}",
-                     f"{prefix}_ci_high": f"{interval.high:.4f}"}
-        tags |= {"gate.set": image_set.description, "gate.set_digest": image_set.digest,
-                 "gate.set_images": str(len(image_set.images)),
-                 "gate.set_lesions": str(image_set.lesions),
-                 "gate.rounds": str(result.rounds), "gate.seed": str(judged.seed)}
+        record["comparison"] = {
+            "balanced_accuracy": {"challenger": _interval(result.a),
+                                  "champion": _interval(result.b),
+                                  "delta": _interval(result.delta)},
+            "set": {"description": image_set.description, "digest": image_set.digest,
+                    "images": len(image_set.images), "lesions": image_set.lesions},
+            "rounds": int(result.rounds), "seed": int(judged.seed)}
+    return record
+
+
+def _interval(interval: Interval) -> dict[str, float]:
+    return {"value": float(interval.value), "ci_low": float(interval.low),
+            "ci_high": float(interval.high)}
+
+
+def _gate_tags(record: dict[str, Any], version: str) -> dict[str, str]:
+    """The few gate tags a person scans in the Versions table (at most six); the rest of
+    the record is in the JSON file `gate.record` names."""
+    tags = {"gate.decision": record["decision"], "gate.forced": str(record["forced"]),
+            "gate.record": model_card.gate_file(version)}
+    if record["champion"] is not None:
+        tags["gate.champion_version"] = record["champion"]["version"]
+    if record["comparison"] is not None:
+        delta = record["comparison"]["balanced_accuracy"]["delta"]
+        tags["gate.delta"] = (f"{delta['value']:+.3f} [{delta['ci_low']:+.3f}, "
+                              f"{delta['ci_high']:+.3f}]")
+        tags["gate.set_images"] = str(record["comparison"]["set"]["images"])
     return tags
 
 
@@ -251,13 +276,14 @@ def card_file(version: str) -> str:
 
 
 def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str,
-                       gate: dict[str, str]) -> None:
+                       gate: dict[str, Any]) -> None:
     """The card into the logged model's artifacts, and a version tag naming the file."""
     card = model_card.render(name, version, run.info.run_id, run.info.run_name,
                              run.data.params, run.data.metrics,
                              reader.run_table(run.info.run_id, "subgroups.csv"),
                              _split_counts(run.info.run_id), gate)
-    attach_model_file(run.outputs.model_outputs[0].model_id, card_file(version), card)
+    model_id = reader.model_uri_of(run).removeprefix("models:/")  # the live one
+    attach_model_file(model_id, card_file(version), card)
     client.set_model_version_tag(name, version, "model_card", card_file(version))
 
 

@@ -3,6 +3,7 @@ on the same images, and the decision is on the model version and in its model ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -49,6 +50,18 @@ def gate_tags(uri: str, name: str, version: str) -> dict[str, str]:
     return mlflow.MlflowClient(uri).get_model_version(name, version).tags
 
 
+def version_file(runs, name: str, version: str, tag: str) -> str:
+    """The text of the file a version's tag names, downloaded through MLflow."""
+    file = gate_tags(runs["uri"], name, version)[tag]
+    with isolated_tracking(runs["root"]):
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}/{file}")
+                    ).read_text()
+
+
+def gate_record(runs, name: str, version: str) -> dict:
+    return json.loads(version_file(runs, name, version, "gate.record"))
+
+
 def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(runs):
     name, uri = "gate-sequence", runs["uri"]
     first = register_run(runs["good"], name)
@@ -58,12 +71,14 @@ def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(r
     worse = register_run(runs["bad"], name)
     assert not worse.champion and "no evidence of improvement" in worse.reason
     assert aliases(uri, name) == (first.version, worse.version)
-    tags = gate_tags(uri, name, worse.version)
-    assert tags["gate.decision"] == "not promoted"
-    assert float(tags["gate.delta_ci_high"]) < 0  # clearly worse, not just unproven
-    assert tags["gate.champion_version"] == first.version
-    assert tags["gate.set_images"] == "99" and len(tags["gate.set_digest"]) == 64
-    assert "test split shared by runs" in tags["gate.set"]
+    tags, record = gate_tags(uri, name, worse.version), gate_record(runs, name, worse.version)
+    assert tags["gate.decision"] == record["decision"] == "not promoted"
+    judged = record["comparison"]
+    assert judged["balanced_accuracy"]["delta"]["ci_high"] < 0  # clearly worse, not unproven
+    assert tags["gate.champion_version"] == record["champion"]["version"] == first.version
+    assert tags["gate.set_images"] == "99" == str(judged["set"]["images"])
+    assert len(judged["set"]["digest"]) == 64
+    assert "test split shared by runs" in judged["set"]["description"]
 
     equal = register_run(runs["good"], name)  # the champion's own model again
     assert not equal.champion
@@ -79,30 +94,66 @@ def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(r
     assert better.champion and f"beats champion version {forced.version}" in better.reason
     assert better.gate.result.delta.low > 0
     assert aliases(uri, name) == (better.version, better.version)
-    tags = gate_tags(uri, name, better.version)
-    assert tags["gate.decision"] == "promoted"
+    record = gate_record(runs, name, better.version)
+    assert gate_tags(uri, name, better.version)["gate.decision"] == record["decision"]
+    assert record["decision"] == "promoted"
     # The gate judged both models on the same 99 images the worse one was refused on.
-    assert tags["gate.set_digest"] == gate_tags(uri, name, worse.version)["gate.set_digest"]
-    assert float(tags["gate.delta"]) == pytest.approx(-float(
-        gate_tags(uri, name, worse.version)["gate.delta"]), abs=1e-4)
+    refused = gate_record(runs, name, worse.version)["comparison"]
+    assert record["comparison"]["set"]["digest"] == refused["set"]["digest"]
+    assert record["comparison"]["balanced_accuracy"]["delta"]["value"] == pytest.approx(
+        -refused["balanced_accuracy"]["delta"]["value"], abs=1e-9)
+
+
+def test_a_version_carries_a_few_gate_tags_and_the_full_record_as_json(runs):
+    name = "gate-record"
+    first = register_run(runs["good"], name)
+    refused = register_run(runs["bad"], name, GateOptions(min_delta=0.01, seed=3))
+    gate = {v: {k: t for k, t in gate_tags(runs["uri"], name, v).items()
+                if k.startswith("gate.")} for v in (first.version, refused.version)}
+    assert gate[first.version] == {"gate.decision": "first champion", "gate.forced": "False",
+                                   "gate.record": f"gate_v{first.version}.json"}
+    tags = gate[refused.version]
+    assert set(tags) == {"gate.decision", "gate.delta", "gate.set_images", "gate.forced",
+                         "gate.champion_version", "gate.record"}  # six: the table stays legible
+    assert gate_record(runs, name, first.version) == {
+        "decision": "first champion", "reason": first.reason, "forced": False,
+        "min_delta": 0.0, "champion": None, "comparison": None}
+
+    record, result = gate_record(runs, name, refused.version), refused.gate.result
+    assert record["decision"] == "not promoted" and record["reason"] == refused.reason
+    assert (record["forced"], record["min_delta"]) == (False, 0.01)
+    assert record["champion"] == {"version": first.version, "run_id": runs["good"]}
+    judged = record["comparison"]
+    for key, interval in (("challenger", result.a), ("champion", result.b),
+                          ("delta", result.delta)):
+        assert judged["balanced_accuracy"][key] == pytest.approx(
+            {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high})
+    image_set = refused.gate.image_set
+    assert judged["set"] == {"description": image_set.description, "digest": image_set.digest,
+                             "images": 99, "lesions": image_set.lesions}
+    assert (judged["rounds"], judged["seed"]) == (result.rounds, 3)
+    delta = result.delta
+    assert tags["gate.delta"] == f"{delta.value:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]"
+    assert tags["gate.champion_version"] == first.version and tags["gate.set_images"] == "99"
 
 
 def test_the_decision_is_in_the_versions_own_model_card(runs):
     name = "gate-card"
     register_run(runs["good"], name)
     refused = register_run(runs["bad"], name)
-    client = mlflow.MlflowClient(runs["uri"])
-    cards = {}
-    for version in ("1", refused.version):
-        file = client.get_model_version(name, version).tags["model_card"]
-        with isolated_tracking(runs["root"]):
-            path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}/{file}")
-        cards[version] = Path(path).read_text()
+    cards = {v: version_file(runs, name, v, "model_card") for v in ("1", refused.version)}
     assert "## Promotion gate" in cards["1"] and "**first champion**" in cards["1"]
-    card = cards[refused.version]
+    assert "`gate_v1.json`" in cards["1"]
+    card, record = cards[refused.version], gate_record(runs, name, refused.version)
     assert "**not promoted**" in card and "Δ = this version - champion" in card
-    assert gate_tags(runs["uri"], name, refused.version)["gate.set_digest"] in card
+    assert f"`gate_v{refused.version}.json`" in card
+    judged = record["comparison"]
+    assert judged["set"]["digest"] in card and judged["set"]["description"] in card
+    assert record["champion"]["run_id"] in card
+    assert refused.gate.result.delta.signed() in card
+    assert str(refused.gate.result.a) in card and str(refused.gate.result.b) in card
     assert "99 images" in card and "paired bootstrap over lesions" in card
+    assert f"{judged['rounds']} rounds, seed {judged['seed']}" in card
 
 
 @pytest.mark.slow
@@ -126,7 +177,8 @@ def test_different_splits_need_gate_data_exit_2_and_nothing_is_registered(runs):
     assert "660 images" in line and "Δ balanced accuracy" in line
     # Both models trained on part of the sample: the gate says so rather than hide it.
     assert "the comparison favours that model" in result.stderr
-    assert gate_tags(runs["uri"], name, "2")["gate.set"] == f"all of {sample}"
+    assert gate_record(runs, name, "2")["comparison"]["set"]["description"] == (
+        f"all of {sample}")
 
 
 def test_register_picks_by_validation_and_refuses_test_metrics(runs):
