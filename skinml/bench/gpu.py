@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,6 +45,8 @@ from skinml.training.engine import fit, train_one_epoch
 from skinml.training.recipe import LoopSettings
 from skinml.workflows.prepared import batches_for, prepare_data
 from skinml.workflows.train import build_recipe, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,9 +124,9 @@ def config_for(plan: Plan, data_dir: Path, work: Path, *extra: str) -> Config:
         "runtime.experiment=skinml-bench-gpu", "runtime.bootstrap=100", *extra])
 
 
-def run_bench(device: torch.device, quick: bool, work: Path,
-              on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
-    """Every step in order; each returns its row even when it fails."""
+def run_bench(device: torch.device, quick: bool, work: Path) -> list[Row]:
+    """Every step in order; each returns its row even when it fails (and logs one line when
+    it ends: the table itself is printed after the last step, so no step's log splits it)."""
     plan = plan_for(device, quick)
     os.environ["SKINML_CACHE"] = str(work / "cache")  # caches and checkpoints stay in `work`
     tracking = f"sqlite:///{work / 'mlflow.db'}"
@@ -143,9 +146,10 @@ def run_bench(device: torch.device, quick: bool, work: Path,
         ("DDP: 2 processes, NCCL", lambda: _ddp(plan, data_dir, work)),
     ]
     rows = []
-    for name, step in steps:
+    for number, (name, step) in enumerate(steps, start=1):
         rows.append(_measured(name, step, plan))
-        on_row(rows[-1])
+        log.info("bench gpu step %d/%d, %s: %s in %.1f s", number, len(steps), name,
+                 rows[-1].status.partition(":")[0], rows[-1].seconds)
     return rows
 
 
@@ -254,7 +258,8 @@ def _run_config(plan: Plan, data_dir: Path, work: Path, epochs: int, *extra: str
 
 
 def _train_run(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
-    config = _run_config(plan, data_dir, work, plan.run_epochs)
+    # The next row resumes from this run's checkpoint: keep it past the finished run.
+    config = _run_config(plan, data_dir, work, plan.run_epochs, "runtime.keep_checkpoint=true")
     started = time.perf_counter()
     result = train(config, data=_prepared(plan, data_dir, work, shared))  # the same cache
     seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from skinml.core.config import Config
+from skinml.data.errors import DataError
 from skinml.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from skinml.training.balance import epoch_order
 from skinml.training.device import resolve_device, synchronize
@@ -127,6 +128,9 @@ def bench_train(config: Config, steps: int, data: PreparedData | None = None,
     data = data or prepare_data(config)
     device = resolve_device(config.runtime.device)
     train = batches_for(data, "train", config.optim.batch_size, device)
+    if len(train.labels) < config.optim.batch_size:  # steps drop the last partial batch
+        raise DataError(f"{data.source}: the training split has {len(train.labels)} images, "
+                        f"fewer than one batch (optim.batch_size={config.optim.batch_size})")
     torch.manual_seed(0)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                    pretrained=False))

@@ -175,7 +175,8 @@ def _client_counts(text: str) -> list[int]:
               help="Keep the synthetic data, caches and runs here [default: a temp folder].")
 def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | None) -> None:
     """The GPU path in one command: loader, train step (eager and compiled), fp16, a real
-    MLflow run and its resume, serving, DDP. One row per step; exit 0 only if all ran."""
+    MLflow run and its resume, serving, DDP. One row per step, printed when all have run;
+    exit 0 only if all ran."""
     import torch
 
     from skinml.bench import gpu
@@ -189,14 +190,18 @@ def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | 
                                  param_hint="--device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("this machine has no CUDA device", param_hint="--device")
+    click.echo(f"measuring the GPU path on {device}{', quick' if quick else ''}; the table "
+               "follows the last step", err=True)
+    with gpu.work_folder(work_dir) as work:
+        rows = gpu.run_bench(device, quick, work)
+    # Printed after the work, so the steps' training logs (stderr) never split the table.
     click.echo(f"machine: {machine()}; device {device}{', quick' if quick else ''}")
     click.echo(gpu.header())
-    with gpu.work_folder(work_dir) as work:
-        rows = gpu.run_bench(device, quick, work,
-                             on_row=lambda row: click.echo(gpu.format_row(row)))
+    for row in rows:
+        click.echo(gpu.format_row(row))
     if out is not None:
         gpu.write_report(out, gpu.report(rows, device, quick, machine()))
-        click.echo(f"wrote {out}")
+        click.echo(f"wrote {out}", err=True)
     failed = [row for row in rows if row.failed]
     for row in failed:
         click.echo(f"error: {row.step}: {row.status.removeprefix('failed: ')}", err=True)

@@ -29,30 +29,33 @@ def check(data_dir: Path | None, allow_missing: bool, decode: bool) -> None:
     scan = scan_folder(data_dir or default_data_dir())
     frame = frame_from_scan(scan, allow_missing=allow_missing)
     corrupt = find_corrupt(frame["path"].map(Path).tolist()) if decode else []
-    click.echo(_summary(scan.root, frame, missing=len(scan.missing), unlisted=len(scan.unlisted),
-                        corrupt=len(corrupt) if decode else None))
-    if corrupt:
+    if corrupt:  # the error alone: a table would count images that cannot be read
         raise CorruptImageError(f"{corrupt[0]} ({len(corrupt)} corrupt image(s) in all; "
                                 "`skinml data prepare --skip-corrupt` leaves them out)")
+    click.echo(_summary(scan.root, frame, missing=len(scan.missing), unlisted=len(scan.unlisted),
+                        corrupt=0 if decode else None))
 
 
 @data.command()
 @DATA_DIR_ARGUMENT
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=8),
-              help="Shorter side of the cached images, in pixels.")
+@click.option("--size", type=click.IntRange(min=8),
+              help="Shorter side of the cached images, in pixels [default: data.cache_size of "
+                   "the demo config, the one `skinml train` and `mlflow run .` read].")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Cache folder [default: $SKINML_CACHE or ~/.cache/skinml].")
 @ALLOW_MISSING
 @click.option("--skip-corrupt", is_flag=True, help="Leave undecodable images out, with a warning.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding threads [default: cores].")
-def prepare(data_dir: Path | None, size: int, cache_dir: Path | None, allow_missing: bool,
+def prepare(data_dir: Path | None, size: int | None, cache_dir: Path | None, allow_missing: bool,
             skip_corrupt: bool, workers: int | None) -> None:
     """Decode every image once into the on-disk cache that training reads."""
+    from skinml.core.config import load_config
     from skinml.data.cache import prepare_cache
     from skinml.data.metadata import load_ham10000
 
     frame = load_ham10000(data_dir, allow_missing=allow_missing)
     started = time.perf_counter()
+    size = size or load_config("demo").data.cache_size  # the cache a bare `skinml train` reads
     cache = prepare_cache(frame, size=size, root=cache_dir, skip_corrupt=skip_corrupt,
                           workers=workers)
     _, height, width, _ = cache.images.shape

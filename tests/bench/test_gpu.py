@@ -36,10 +36,14 @@ def test_bench_gpu_on_the_cpu_runs_every_step(tmp_path):
     for name in STEPS[:-1]:
         assert rows[name]["status"] == "ok", (name, rows[name]["status"])
     assert rows[STEPS[-1]]["status"].startswith("skipped: needs CUDA")
-    # Each row is printed once, as it finishes, with the same figures as the JSON.
-    printed = [line for line in done.stdout.splitlines() if line.split("  ")[0] in STEPS]
-    assert len(printed) == len(STEPS)
-    assert rows["loader: ours vs seed path"]["figure"] in done.stdout
+    # stdout is the table alone, printed after the work: the machine, the header, one row
+    # per step with the same figures as the JSON; the steps' logs went to stderr.
+    machine, header, *printed = done.stdout.splitlines()
+    assert machine.startswith("machine: ") and header.split()[:2] == ["step", "status"]
+    assert [line.split("  ")[0] for line in printed] == STEPS, done.stdout
+    assert rows["loader: ours vs seed path"]["figure"] in printed[1]
+    assert "INFO: epoch 1/2  train_loss" in done.stderr
+    assert f"INFO: bench gpu step 9/9, {STEPS[-1]}: skipped in" in done.stderr
     compiled = rows["train step: torch.compile"]["values"]
     assert compiled["compile"] == "True" and compiled["warmup_seconds"] > 0
     assert compiled["compile_backend"] == "aot_eager"  # --quick on the CPU: no C++ codegen

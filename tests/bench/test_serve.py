@@ -32,6 +32,9 @@ def test_bench_serve_holds_each_load_against_its_own_in_process_rate(champion_se
                                        str(image), "--requests", "5", "--batch", "4",
                                        "--concurrency", "2", "--repeats", "2"])
     assert result.exit_code == 0, result.output
-    line = result.output.splitlines()[-1]
+    # stdout is the table alone, printed after the work; logs go to stderr
+    machine, rest, local, goal, line = result.stdout.splitlines()
+    assert machine.startswith("machine: ") and rest.startswith("REST        p50")
+    assert local.startswith("in-process  p50") and goal.startswith("REST p50 / in-process p50")
     assert line.startswith("  2 clients") and "over 2 pair(s); goal 70%" in line, line
     assert line.endswith("errors 0"), line

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from skinml.cli import main
 from skinml.cli.bench import _bench_config
+
+from ..conftest import skinml_in_process, tiny
 
 
 def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first():
@@ -23,3 +27,36 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
 def test_option_mistakes_of_bench_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and reason in result.output
+
+
+@pytest.mark.parametrize("args, notice, last", [
+    (["loader", "--batches", "2", "--workers", "0"],
+     "measuring 2 batches of 8 at 32 px, ours then the seed path (0 workers)", "ratio: "),
+    (["train", "--steps", "2"], "measuring 2 steps of resnext_small at 32 px",
+     "end to end / ceiling: "),
+])
+def test_bench_prints_its_table_alone_to_stdout_after_the_work(make_folder, args, notice, last):
+    folder = make_folder()
+    shutil.copy(next(folder.glob("*.jpg")), folder / "ISIC_9999999.jpg")  # logs a warning
+    result = skinml_in_process("bench", *args, *_tiny_sets(folder), "--set", "optim.batch_size=8")
+    assert result.returncode == 0, result.stderr
+    # stdout: the machine, one row per measurement, the ratio; the logs went to stderr
+    machine, *rows, summary = result.stdout.splitlines()
+    assert machine.startswith("machine: ") and summary.startswith(last)
+    assert len(rows) == 2 and all(" images/s  " in row for row in rows), result.stdout
+    assert result.stderr.splitlines()[0] == notice
+    assert "WARNING: ignored 1 image files in" in result.stderr
+
+
+def test_bench_train_on_a_split_smaller_than_a_batch_is_one_error_line(make_folder):
+    folder = make_folder()  # 15 training images; tiny's batch is 16
+    result = skinml_in_process("bench", "train", "--steps", "2", *_tiny_sets(folder))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {folder}: the training split has 15 images, fewer than one batch "
+        "(optim.batch_size=16)")
+
+
+def _tiny_sets(folder) -> list[str]:
+    sets = [item for override in tiny(None) for item in ("--set", override)]
+    return ["--config", "demo", "--data-dir", str(folder), *sets]

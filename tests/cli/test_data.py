@@ -3,7 +3,10 @@ the data layer, tests/data/)."""
 
 from __future__ import annotations
 
-from ..conftest import skinml
+from skinml.training.choices import load_run_config
+from skinml.workflows.prepared import prepare_data
+
+from ..conftest import skinml, skinml_in_process
 
 
 def test_data_check_without_argument_prints_the_sample_table():
@@ -14,3 +17,28 @@ def test_data_check_without_argument_prints_the_sample_table():
     assert lines[2] == "lesions          450"
     assert lines[-1].split() == ["total", "660", "450"]
     assert "nv                  Melanocytic nevi     250      193" in result.stdout
+
+
+def test_data_check_of_a_folder_with_a_corrupt_image_prints_the_error_alone(make_folder):
+    root = make_folder()
+    broken = sorted(root.glob("*.jpg"))[1]
+    broken.write_bytes(b"not a jpeg")
+    result = skinml_in_process("data", "check", str(root))
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {broken}: cannot decode image")
+    assert line.endswith("(1 corrupt image(s) in all; `skinml data prepare --skip-corrupt` "
+                         "leaves them out)")
+
+
+def test_a_bare_data_prepare_builds_the_cache_the_default_training_reads(make_folder):
+    root = make_folder()
+    result = skinml_in_process("data", "prepare", str(root), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    default = load_run_config("demo", [f"data.dir={root}", "runtime.progress=false"])
+    data = prepare_data(default)  # what `skinml train --set data.dir=...` opens
+    assert data.cache.reused and data.cache.size == default.data.cache_size
+    assert result.stdout.startswith(f"built image cache {data.cache.path}: ")
+    other = skinml_in_process("data", "prepare", str(root), "--size", "48", "--workers", "1")
+    assert other.returncode == 0, other.stderr
+    assert "at 64x48 px" in other.stdout and str(data.cache.path) not in other.stdout
