@@ -52,13 +52,15 @@ def ls(cache_dir: Path | None, checkpoint_dir: Path | None) -> None:
 @click.option("--images", is_flag=True,
               help="Image caches (the next run on the same images builds its cache again).")
 @click.option("--checkpoints", is_flag=True,
-              help="Checkpoints of all but running runs (a killed run then cannot --resume).")
+              help="Checkpoints of runs that ended in this tracking store (a killed run "
+                   "then cannot --resume); not of running runs or runs it does not hold.")
 @click.option("--mlserver", is_flag=True, help="MLServer folders.")
 @click.option("--older-than", type=float, metavar="DAYS",
               help="Only what was not used for DAYS days (of every kind unless one is named).")
 @click.option("--all", "everything", is_flag=True,
-              help="Everything of the named kinds (of every kind if none is named), a running "
-                   "run's checkpoint and an image cache being built included.")
+              help="Everything of the named kinds (of every kind if none is named): the "
+                   "checkpoints of running and unknown runs and an image cache being built "
+                   "included.")
 @click.option("--dry-run", is_flag=True, help="Print what would be removed; remove nothing.")
 def prune(cache_dir: Path | None, checkpoint_dir: Path | None, images: bool, checkpoints: bool,
           mlserver: bool, older_than: float | None, everything: bool, dry_run: bool) -> None:

@@ -54,13 +54,15 @@ def split_by_lesion(df: pd.DataFrame, val_frac: float = 0.15, test_frac: float =
     return _give_each_part_a_lesion(df, result, SPLITS, _MIN_LESIONS_EVERYWHERE)
 
 
-def assign_folds(df: pd.DataFrame, split: pd.Series, k: int, seed: int = 0) -> pd.Series:
+def assign_folds(df: pd.DataFrame, split: pd.Series, k: int, seed: int = 0,
+                 warn: bool = True) -> pd.Series:
     """Cross-validation folds 0..k-1 for the rows outside the test split (test rows: -1).
 
     The test split stays as `split_by_lesion` made it, so cross-validation never sees it;
     the rest is cut by StratifiedGroupKFold on dx, grouped by lesion, and every class then
     gets a lesion in every fold (`check_fold_count` refuses a k for which it cannot). One
-    warning when some fold validates on fewer than MIN_FOLD_IMAGES images of a class.
+    warning when some fold validates on fewer than MIN_FOLD_IMAGES images of a class
+    (unless `warn` is off: a study's trials, warned once by the study).
     """
     check_fold_count(df, split, k)
     rest = df[split.to_numpy() != "test"]
@@ -71,7 +73,8 @@ def assign_folds(df: pd.DataFrame, split: pd.Series, k: int, seed: int = 0) -> p
         assigned[rows] = fold
     repaired = _give_each_part_a_lesion(rest, pd.Series(assigned, index=rest.index),
                                         tuple(range(k)), k)
-    _warn_of_small_folds(rest["dx"], repaired, k)
+    if warn:
+        _warn_of_small_folds(rest["dx"], repaired, k)
     return repaired.reindex(df.index, fill_value=-1).astype(int).rename("fold")
 
 

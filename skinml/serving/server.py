@@ -34,8 +34,8 @@ def check_model_uri(model_uri: str) -> None:
         get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
         reason = first_line(exc)
-        hint = store_hint() if model_uri.startswith(("models:/", "runs:/")) else ""
-        raise SkinmlError(f"cannot serve {model_uri}: {reason}{hint}") from None
+        raise SkinmlError(f"cannot serve {model_uri}: {reason}{store_hint(model_uri)}") \
+            from None
 
 
 def default_workers() -> int:

@@ -116,8 +116,8 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         reason = first_line(exc)
-        hint = store_hint() if model_uri.startswith(("models:/", "runs:/")) else ""
-        raise SkinmlError(f"cannot load model {model_uri}: {reason}{hint}") from None
+        raise SkinmlError(f"cannot load model {model_uri}: {reason}{store_hint(model_uri)}") \
+            from None
 
 
 def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.DataFrame:

@@ -136,7 +136,7 @@ def require_model(model_uri: str) -> None:
         get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
         detail = "" if model_uri.startswith("runs:/") else f": {first_line(exc)}"
-        raise SkinmlError(f"{missing}{detail}{store_hint()}") from None
+        raise SkinmlError(f"{missing}{detail}{store_hint(model_uri)}") from None
 
 
 def get_run(run_id: str) -> Run:
@@ -153,6 +153,12 @@ def run_status(run_id: str) -> str | None:
         return MlflowClient().get_run(run_id).info.status
     except MlflowException:
         return None
+
+
+def epochs_logged(run_id: str) -> int:
+    """How many epochs a training run reported (the steps of its validation metric)."""
+    history = MlflowClient().get_metric_history(run_id, "val_balanced_accuracy")
+    return len({metric.step for metric in history})
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

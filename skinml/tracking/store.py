@@ -64,9 +64,12 @@ def run_link(experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def store_hint() -> str:
+def store_hint(model_uri: str | None = None) -> str:
     """What to add to a "not found": which store was read, and, when it holds no runs and
-    no models at all, how to point at the one the user trained in."""
+    no models at all, how to point at the one the user trained in. Nothing for a
+    `model_uri` that is a path (it was not looked for in the store)."""
+    if model_uri is not None and not model_uri.startswith(("models:/", "runs:/")):
+        return ""
     uri = shown_uri()
     try:
         client = MlflowClient()

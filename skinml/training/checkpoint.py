@@ -68,10 +68,17 @@ class Checkpoint:
 
     def remove(self) -> None:
         """Free the disk once the run finished: its best weights are in the logged model."""
-        self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # the run's folder, when nothing else is in it
-            self.path.parent.rmdir()
-        log.info("removed checkpoint %s (runtime.keep_checkpoint=true keeps it)", self.path)
+        remove_checkpoint(self.path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint and its run's folder (when nothing else is in it), saying so."""
+    if not path.is_file():
+        return
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+    log.info("removed checkpoint %s (runtime.keep_checkpoint=true keeps it)", path)
 
 
 def save_checkpoint(path: Path, model: nn.Module, tools: StepTools, state: TrainingState,

@@ -64,8 +64,10 @@ class CacheEntry:
 
     @property
     def protected(self) -> bool:
-        """Removed only with `--all`: a running run's checkpoint, a build in progress."""
-        return self.status == RUNNING or self.building
+        """Removed only with `--all`: a build in progress, and the checkpoint of a run that
+        is RUNNING or that this store does not hold (it may be running in another store)."""
+        unknown_run = self.kind == "checkpoints" and self.status is None
+        return self.status == RUNNING or unknown_run or self.building
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def select_for_pruning(listing: CacheListing, kinds: Iterable[str] = (),
 
     With no kind, age or `everything`: checkpoints of runs that FINISHED in this tracking
     store and MLServer folders. A kind: all of that kind. `older_than_days`: only what has
-    not been used for that long (of all kinds unless some are named). A running run's
-    checkpoint and an image cache still being built go only with `everything`.
+    not been used for that long (of all kinds unless some are named). The checkpoint of a
+    running run or of one this store does not hold, and an image cache still being built,
+    go only with `everything`.
     """
     kinds = set(kinds)
     unknown = kinds - set(KINDS)

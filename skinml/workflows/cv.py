@@ -88,7 +88,8 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
     if data is None or data.config != config.data:
         data = prepare_data(config)
     # Before the parent run opens: too many folds for a class is refused with no run made.
-    assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed)
+    assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed,
+                              warn=not hooks.nested)  # a study's trial: the study warned
     name = config.runtime.run_name or f"{config.model.arch}-cv{folds}-s{config.runtime.seed}"
     with cv_run(config, name, folds, resume_run_id, hooks.nested, hooks.tags) as parent:
         if hooks.on_run_start is not None:

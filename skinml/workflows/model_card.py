@@ -13,16 +13,24 @@ from skinml.evaluation.metrics import Interval
 from skinml.evaluation.reports import metrics_markdown, table_markdown
 
 
-def gate_file(version: str) -> str:
-    """The version's gate record (JSON), beside its card: versions of one run share a model."""
-    return f"gate_v{version}.json"
+def card_file(version: str) -> str:
+    """Every version gets its own card: two versions of one run have different gates."""
+    return f"model_card_v{version}.md"
 
 
-def render(name: str, version: str, run_id: str, run_name: str, params: dict[str, str],
-           metrics: dict[str, float], subgroups: pd.DataFrame | None,
-           split_counts: pd.DataFrame | None, gate: dict[str, Any] | None = None) -> str:
-    """Markdown text of the card, from a training run's record and the version's gate record."""
+def record_file(version: str) -> str:
+    """The version's record (JSON: its gate and provenance), beside its card; versions of one
+    run share a logged model, so the name carries the version."""
+    return f"version_v{version}.json"
+
+
+def render(name: str, version: str, params: dict[str, str], metrics: dict[str, float],
+           subgroups: pd.DataFrame | None, split_counts: pd.DataFrame | None,
+           record: dict[str, Any]) -> str:
+    """Markdown text of the card, from a training run's record and the version's record
+    (`gate` and `provenance`, as in `version_vN.json`)."""
     test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    run_id, run_name = record["provenance"]["run_id"], record["provenance"]["run_name"]
     p = params.get
     temperature = (f"T = {test['temperature']:.3f}" if "temperature" in test
                    else "not recorded for this run")
@@ -58,7 +66,8 @@ def render(name: str, version: str, run_id: str, run_name: str, params: dict[str
         sections.append(metrics_markdown(test, "test"))
     else:
         sections.append("No test metrics were recorded for this run.")
-    sections += ["## Promotion gate", *_gate_section(version, gate)]
+    sections += ["## Promotion gate", *_gate_section(version, record["gate"])]
+    sections += ["## Provenance", *_provenance_section(version, record["provenance"])]
     sections += _subgroup_section(subgroups)
     sections += [
         "## Known limitations",
@@ -86,31 +95,55 @@ def _subgroup_section(subgroups: pd.DataFrame | None) -> list[str]:
     return [*sections, table_markdown(subgroups[[c for c in columns if c in subgroups]])]
 
 
-def _gate_section(version: str, gate: dict[str, Any] | None) -> list[str]:
+def _gate_section(version: str, gate: dict[str, Any]) -> list[str]:
     """How this version was judged against the champion (from its gate record)."""
-    if not gate:
-        return ["This version was registered before promotion gates were recorded."]
     lines = [f"**{gate['decision']}**: {gate['reason']}",
-             f"The full record is `{gate_file(version)}`, beside this card."]
+             f"The full record is `{record_file(version)}`, beside this card."]
     judged = gate["comparison"]
     if judged is None:
         return lines
-    accuracy, image_set = judged["balanced_accuracy"], judged["set"]
-
-    def interval(key: str) -> Interval:
-        values = accuracy[key]
-        return Interval(values["value"], values["ci_low"], values["ci_high"])
-
+    accuracy = {k: _interval(v) for k, v in judged["balanced_accuracy"].items()}
+    image_set = judged["set"]
     champion = f"champion version {gate['champion']['version']}"
     rows = [("compared with", f"{champion} (run `{gate['champion']['run_id']}`)"),
             ("gate set", f"{image_set['images']} images, {image_set['lesions']} lesions: "
                          f"{image_set['description']}"),
             ("gate set digest (SHA-256)", f"`{image_set['digest']}`"),
-            ("balanced accuracy, this version", str(interval("challenger"))),
-            (f"balanced accuracy, {champion}", str(interval("champion"))),
-            ("Δ = this version - champion", interval("delta").signed()),
+            ("balanced accuracy, this version", str(accuracy["challenger"])),
+            (f"balanced accuracy, {champion}", str(accuracy["champion"])),
+            ("Δ = this version - champion", accuracy["delta"].signed()),
             ("rule", f"promote when the lower end of the 95 % CI of Δ is above "
                      f"{gate['min_delta']:+.3f}; paired bootstrap over lesions (the same "
                      f"lesions for both models each round), {judged['rounds']} rounds, seed "
                      f"{judged['seed']}")]
     return lines + ["| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _provenance_section(version: str, provenance: dict[str, Any]) -> list[str]:
+    """Where this version came from (`provenance` in its record)."""
+    test = provenance["test_reported_only"]
+    rows = [("MLflow run", f"`{provenance['run_id']}` ({provenance['run_name']})"),
+            ("architecture", provenance["arch"] or "not recorded"),
+            ("git commit", f"`{provenance['git_commit']}`" if provenance["git_commit"]
+             else "not recorded"),
+            ("split seed", provenance["split_seed"] or "not recorded"),
+            *((f"data digest, {name}", f"`{digest}`")
+              for name, digest in provenance["datasets"].items()),
+            ("validation balanced accuracy (selection metric)",
+             _shown(provenance["val_balanced_accuracy"])),
+            ("test balanced accuracy (reported only)", _shown(test["balanced_accuracy"])),
+            ("test macro AUC (reported only)", _shown(test["auc"]))]
+    return [f"From `provenance` in `{record_file(version)}`; test numbers are reported, "
+            "never used to choose or compare versions.",
+            "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _interval(values: dict[str, float]) -> Interval:
+    return Interval(values["value"], values["ci_low"], values["ci_high"])
+
+
+def _shown(values: dict[str, float] | None) -> str:
+    """A recorded metric with its interval, or what is missing."""
+    if values is None:
+        return "not recorded"
+    return str(_interval(values)) if "ci_low" in values else f"{values['value']:.3f}"

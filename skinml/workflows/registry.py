@@ -112,8 +112,9 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     run = _registrable_run(run_id)
     compared = champion(client, name)
     judged, note = _judge(run, compared, name, options)
-    model_uri = reader.model_uri_of(run)
-    version = str(mlflow.register_model(model_uri, name, tags=_version_tags(run)).version)
+    model_uri, provenance = reader.model_uri_of(run), _provenance(run)
+    registered = mlflow.register_model(model_uri, name, tags=_selection_tag(provenance))
+    version = str(registered.version)
     client.update_model_version(name, version, description=_description(run))
     client.set_registered_model_alias(name, CHALLENGER, version)
     compared, judged, note = _judged_against_current(client, name, run, compared, judged,
@@ -122,12 +123,14 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     promoted = decision != "not promoted"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    record = _gate_record(decision, reason, compared, judged, options)
-    attach_model_file(model_uri.removeprefix("models:/"), model_card.gate_file(version),
+    record = {"gate": _gate_record(decision, reason, compared, judged, options),
+              "provenance": provenance}
+    model_id = model_uri.removeprefix("models:/")
+    attach_model_file(model_id, model_card.record_file(version),
                       json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    for key, value in _gate_tags(record, version).items():
+    for key, value in _gate_tags(record["gate"]).items():
         client.set_model_version_tag(name, version, key, value)
-    _attach_model_card(client, run, name, version, record)
+    _attach_model_card(run, name, version, model_id, record)
     registration = Registration(name, version, run_id,
                                 run.data.metrics[DEFAULT_METRIC], promoted, reason, judged)
     log.debug("%s", registration.summary())
@@ -219,7 +222,7 @@ def _decide(compared: ModelVersion | None, judged: ModelComparison | None, note:
 
 def _gate_record(decision: str, reason: str, compared: ModelVersion | None,
                  judged: ModelComparison | None, options: GateOptions) -> dict[str, Any]:
-    """The gate's full record: `gate_vN.json` beside the model card, which renders it."""
+    """The gate's full record (`gate` in `version_vN.json`; the model card renders it)."""
     record: dict[str, Any] = {
         "decision": decision, "reason": reason, "forced": options.force,
         "min_delta": options.min_delta,
@@ -243,11 +246,10 @@ def _interval(interval: Interval) -> dict[str, float]:
             "ci_high": float(interval.high)}
 
 
-def _gate_tags(record: dict[str, Any], version: str) -> dict[str, str]:
-    """The few gate tags a person scans in the Versions table (at most six); the rest of
-    the record is in the JSON file `gate.record` names."""
-    tags = {"gate.decision": record["decision"], "gate.forced": str(record["forced"]),
-            "gate.record": model_card.gate_file(version)}
+def _gate_tags(record: dict[str, Any]) -> dict[str, str]:
+    """The gate tags a person scans in the Versions table (at most five); the rest of the
+    record is in `version_vN.json`, beside the model card."""
+    tags = {"gate.decision": record["decision"], "gate.forced": str(record["forced"])}
     if record["champion"] is not None:
         tags["gate.champion_version"] = record["champion"]["version"]
     if record["comparison"] is not None:
@@ -270,21 +272,13 @@ def _version(version: ModelVersion | None) -> str | None:
     return None if version is None else str(version.version)
 
 
-def card_file(version: str) -> str:
-    """Every version gets its own card: two versions of one run have different gates."""
-    return f"model_card_v{version}.md"
-
-
-def _attach_model_card(client: MlflowClient, run: Run, name: str, version: str,
-                       gate: dict[str, Any]) -> None:
-    """The card into the logged model's artifacts, and a version tag naming the file."""
-    card = model_card.render(name, version, run.info.run_id, run.info.run_name,
-                             run.data.params, run.data.metrics,
+def _attach_model_card(run: Run, name: str, version: str, model_id: str,
+                       record: dict[str, Any]) -> None:
+    """The card into the logged model's artifacts, beside the version's record."""
+    card = model_card.render(name, version, run.data.params, run.data.metrics,
                              reader.run_table(run.info.run_id, "subgroups.csv"),
-                             _split_counts(run.info.run_id), gate)
-    model_id = reader.model_uri_of(run).removeprefix("models:/")  # the live one
-    attach_model_file(model_id, card_file(version), card)
-    client.set_model_version_tag(name, version, "model_card", card_file(version))
+                             _split_counts(run.info.run_id), record)
+    attach_model_file(model_id, model_card.card_file(version), card)
 
 
 def _split_counts(run_id: str) -> pd.DataFrame | None:
@@ -297,22 +291,40 @@ def _split_counts(run_id: str) -> pd.DataFrame | None:
     return counts
 
 
-def _version_tags(run: Run) -> dict[str, str]:
-    """Where the version came from; its test numbers are recorded, never compared."""
-    metrics, tags = run.data.metrics, run.data.tags
-    digests = ",".join(f"{i.dataset.name}:{i.dataset.digest}"
-                       for i in sorted(run.inputs.dataset_inputs, key=lambda i: i.dataset.name))
-    values = {
-        "run_id": run.info.run_id,
-        "val_balanced_accuracy": metrics.get(DEFAULT_METRIC),
-        "test_balanced_accuracy": metrics.get("test_balanced_accuracy"),
-        "test_auc": metrics.get("test_auc"),
-        "dataset_digest": digests or None,
-        "split_seed": run.data.params.get("data.split_seed"),
-        "git_commit": tags.get("mlflow.source.git.commit"),
-        "arch": run.data.params.get("model.arch"),
+def _provenance(run: Run) -> dict[str, Any]:
+    """Where the version came from (`provenance` in `version_vN.json`); its test numbers
+    are reported, never used to choose or compare."""
+    metrics, params = run.data.metrics, run.data.params
+    return {
+        "run_id": run.info.run_id, "run_name": run.info.run_name,
+        "arch": params.get("model.arch"), "split_seed": params.get("data.split_seed"),
+        "git_commit": run.data.tags.get("mlflow.source.git.commit"),
+        "datasets": {i.dataset.name: i.dataset.digest
+                     for i in sorted(run.inputs.dataset_inputs, key=lambda i: i.dataset.name)},
+        "val_balanced_accuracy": _logged(metrics, DEFAULT_METRIC),  # what selection read
+        "test_reported_only": {"balanced_accuracy": _logged(metrics, "test_balanced_accuracy"),
+                               "auc": _logged(metrics, "test_auc")},
     }
-    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _logged(metrics: dict[str, float], key: str) -> dict[str, float] | None:
+    """A run's metric with its 95 % CI when the run logged `<key>_ci_low/_high`."""
+    if key not in metrics:
+        return None
+    logged = {"value": float(metrics[key])}
+    if f"{key}_ci_low" in metrics and f"{key}_ci_high" in metrics:
+        logged |= {"ci_low": float(metrics[f"{key}_ci_low"]),
+                   "ci_high": float(metrics[f"{key}_ci_high"])}
+    return logged
+
+
+def _selection_tag(provenance: dict[str, Any]) -> dict[str, str]:
+    """The selection metric as a version tag, with its interval when the run logged one."""
+    score = provenance["val_balanced_accuracy"]
+    shown = f"{score['value']:.3f}"
+    if "ci_low" in score:
+        shown += f" [{score['ci_low']:.2f}, {score['ci_high']:.2f}]"
+    return {"val_balanced_accuracy": shown}
 
 
 def _description(run: Run) -> str:

@@ -21,7 +21,7 @@ from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_m
 from skinml.evaluation.scoring import score_split, subgroup_attributes
 from skinml.models import build_model
 from skinml.tracking.logged_model import model_meta
-from skinml.tracking.reader import artifact_names, logged_config, resumable
+from skinml.tracking.reader import artifact_names, epochs_logged, logged_config, resumable
 from skinml.tracking.writer import RunLog, training_run
 from skinml.training.balance import build_loss
 from skinml.training.checkpoint import (
@@ -246,8 +246,8 @@ def _run_name(config: Config) -> str:
 
 
 def _config_to_resume(config: Config, run_id: str) -> Config:
-    """The config a killed run was started with: its checkpoint's, else (stopped before the
-    first checkpoint) the config.yaml the run logged."""
+    """The config a killed run was started with: its checkpoint's, else the config.yaml the
+    run logged, when it stopped before (or while) writing its first checkpoint."""
     resumable(run_id)
     path = checkpoint_path(config, run_id)
     if path.is_file():
@@ -255,4 +255,12 @@ def _config_to_resume(config: Config, run_id: str) -> Config:
     if "config.yaml" not in artifact_names(run_id):
         raise ConfigError(f"--resume {run_id}: no checkpoint at {path} and no config.yaml "
                           "on the run: start a new run instead")
-    return build_run_config(logged_config(run_id), source=f"run {run_id} config.yaml")
+    logged = build_run_config(logged_config(run_id), source=f"run {run_id} config.yaml")
+    path = checkpoint_path(logged, run_id)  # where the run itself wrote them
+    if path.is_file():
+        return build_run_config(checkpoint_config(path), source=str(path))
+    epochs = epochs_logged(run_id)  # the first epoch reports just before its checkpoint
+    if epochs > 1:
+        raise ConfigError(f"--resume {run_id}: its checkpoint {path} is gone after {epochs} "
+                          "epochs (removed by `skinml cache prune`?): start a new run instead")
+    return logged

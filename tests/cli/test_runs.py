@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from skinml.cli import main
+from skinml.cli import main, runs
 from skinml.data.cache import cache_root
 
 from ..conftest import DEMO, skinml_in_process, tiny
@@ -116,8 +116,6 @@ def test_ctrl_c_in_a_fold_names_the_cross_validation_to_resume(tracking, make_fo
 
 
 def test_nproc_relaunches_under_torchrun_and_echoes_the_whole_command(monkeypatch, capsys):
-    from skinml.cli import runs
-
     monkeypatch.setattr(sys, "argv", ["skinml", "train", "--nproc", "2", "--epochs", "1"])
     launched = []
     monkeypatch.setattr(runs.os, "execv", lambda path, argv: launched.append((path, argv)))

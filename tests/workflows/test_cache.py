@@ -126,10 +126,11 @@ def test_by_default_pruning_picks_finished_runs_checkpoints_and_mlserver_folders
     assert names(chosen) == {every_kind["finished"].name, every_kind["mlserver"].name}
 
 
-def test_a_kind_picks_all_of_it_but_a_running_runs_checkpoint_and_a_build(every_kind):
+def test_a_kind_picks_all_of_it_but_running_or_unknown_runs_checkpoints_and_a_build(
+        every_kind):
     listing = list_cache(cache_root())
     assert names(select_for_pruning(listing, ["checkpoints"])) == {
-        every_kind[name].name for name in ("finished", "killed", "failed", "stranger")}
+        every_kind[name].name for name in ("finished", "killed", "failed")}
     assert names(select_for_pruning(listing, ["images"])) == {every_kind["images"].name}
 
 
@@ -142,7 +143,7 @@ def test_all_picks_a_running_runs_checkpoint_and_a_build_too(every_kind):
 
 
 def test_older_than_picks_only_what_was_not_used_for_that_long(every_kind):
-    for name in ("images", "killed", "running"):
+    for name in ("images", "killed", "running", "stranger"):
         age(every_kind[name], days=10)
     listing = list_cache(cache_root())
     assert names(select_for_pruning(listing, older_than_days=5)) == {

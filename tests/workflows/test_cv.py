@@ -27,7 +27,8 @@ from skinml.serving.server import DIRECT, running_server
 from skinml.tracking.logged_model import predict_paths
 from skinml.tracking.reader import logged_model_uri
 from skinml.workflows.cv import FOLD_TAG, PARENT_TAG, cross_validate
-from skinml.workflows.registry import card_file, register_run
+from skinml.workflows.model_card import card_file
+from skinml.workflows.registry import register_run
 
 from ..conftest import (
     DEMO,

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from skinml.data.metadata import default_data_dir
+from skinml.workflows import model_card
 from skinml.workflows.registry import (
     CHALLENGER,
     CHAMPION,
@@ -50,16 +51,19 @@ def gate_tags(uri: str, name: str, version: str) -> dict[str, str]:
     return mlflow.MlflowClient(uri).get_model_version(name, version).tags
 
 
-def version_file(runs, name: str, version: str, tag: str) -> str:
-    """The text of the file a version's tag names, downloaded through MLflow."""
-    file = gate_tags(runs["uri"], name, version)[tag]
+def version_file(runs, name: str, version: str, file: str) -> str:
+    """The text of one of a version's files (card or record), downloaded through MLflow."""
     with isolated_tracking(runs["root"]):
         return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}/{file}")
                     ).read_text()
 
 
+def version_record(runs, name: str, version: str) -> dict:
+    return json.loads(version_file(runs, name, version, model_card.record_file(version)))
+
+
 def gate_record(runs, name: str, version: str) -> dict:
-    return json.loads(version_file(runs, name, version, "gate.record"))
+    return version_record(runs, name, version)["gate"]
 
 
 def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(runs):
@@ -104,17 +108,24 @@ def test_worse_is_kept_out_equal_is_kept_out_force_promotes_better_is_promoted(r
         -refused["balanced_accuracy"]["delta"]["value"], abs=1e-9)
 
 
-def test_a_version_carries_a_few_gate_tags_and_the_full_record_as_json(runs):
+def selection_tag(runs, run_id: str) -> str:
+    """The selection metric with the 95 % CI its run logged, as the version tag shows it."""
+    m = mlflow.MlflowClient(runs["uri"]).get_run(run_id).data.metrics
+    return (f"{m['best_val_balanced_accuracy']:.3f} [{m['best_val_balanced_accuracy_ci_low']:.2f}"
+            f", {m['best_val_balanced_accuracy_ci_high']:.2f}]")
+
+
+def test_a_version_carries_at_most_six_tags_and_the_full_record_as_json(runs):
     name = "gate-record"
     first = register_run(runs["good"], name)
     refused = register_run(runs["bad"], name, GateOptions(min_delta=0.01, seed=3))
-    gate = {v: {k: t for k, t in gate_tags(runs["uri"], name, v).items()
-                if k.startswith("gate.")} for v in (first.version, refused.version)}
-    assert gate[first.version] == {"gate.decision": "first champion", "gate.forced": "False",
-                                   "gate.record": f"gate_v{first.version}.json"}
-    tags = gate[refused.version]
+    assert gate_tags(runs["uri"], name, first.version) == {
+        "gate.decision": "first champion", "gate.forced": "False",
+        "val_balanced_accuracy": selection_tag(runs, runs["good"])}
+    tags = gate_tags(runs["uri"], name, refused.version)
     assert set(tags) == {"gate.decision", "gate.delta", "gate.set_images", "gate.forced",
-                         "gate.champion_version", "gate.record"}  # six: the table stays legible
+                         "gate.champion_version", "val_balanced_accuracy"}  # six, no more
+    assert tags["val_balanced_accuracy"] == selection_tag(runs, runs["bad"])
     assert gate_record(runs, name, first.version) == {
         "decision": "first champion", "reason": first.reason, "forced": False,
         "min_delta": 0.0, "champion": None, "comparison": None}
@@ -141,12 +152,13 @@ def test_the_decision_is_in_the_versions_own_model_card(runs):
     name = "gate-card"
     register_run(runs["good"], name)
     refused = register_run(runs["bad"], name)
-    cards = {v: version_file(runs, name, v, "model_card") for v in ("1", refused.version)}
+    cards = {v: version_file(runs, name, v, model_card.card_file(v))
+             for v in ("1", refused.version)}
     assert "## Promotion gate" in cards["1"] and "**first champion**" in cards["1"]
-    assert "`gate_v1.json`" in cards["1"]
+    assert "`version_v1.json`" in cards["1"]
     card, record = cards[refused.version], gate_record(runs, name, refused.version)
     assert "**not promoted**" in card and "Δ = this version - champion" in card
-    assert f"`gate_v{refused.version}.json`" in card
+    assert f"`version_v{refused.version}.json`" in card
     judged = record["comparison"]
     assert judged["set"]["digest"] in card and judged["set"]["description"] in card
     assert record["champion"]["run_id"] in card
@@ -230,9 +242,38 @@ def test_first_registration_becomes_champion_and_challenger(runs):
     version = client.get_model_version_by_alias(name, CHAMPION)
     assert str(version.version) == first.version
     assert client.get_model_version_by_alias(name, CHALLENGER).version == version.version
-    assert version.tags["run_id"] == runs["good"]
-    assert float(version.tags["test_balanced_accuracy"]) == pytest.approx(
-        client.get_run(runs["good"]).data.metrics["test_balanced_accuracy"])
-    assert "ham10000-train:" in version.tags["dataset_digest"]
-    assert "val_balanced_accuracy" in version.tags and version.description
+    assert version.run_id == runs["good"] and version.description
     assert "no champion yet" in first.reason
+
+
+def test_the_versions_json_record_holds_its_provenance_and_the_card_shows_it(runs):
+    name = "provenance"
+    with isolated_tracking(runs["root"]):
+        version = register_run(runs["good"], name).version
+    run = mlflow.MlflowClient(runs["uri"]).get_run(runs["good"])
+    m, params = run.data.metrics, run.data.params
+    provenance = version_record(runs, name, version)["provenance"]
+
+    def logged(key: str) -> dict:
+        return {"value": m[key], "ci_low": m[f"{key}_ci_low"], "ci_high": m[f"{key}_ci_high"]}
+
+    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert set(digests) == {"ham10000-train", "ham10000-val", "ham10000-test"}
+    assert provenance == {
+        "run_id": runs["good"], "run_name": run.info.run_name,
+        "arch": params["model.arch"], "split_seed": params["data.split_seed"],
+        "git_commit": run.data.tags.get("mlflow.source.git.commit"), "datasets": digests,
+        "val_balanced_accuracy": logged("best_val_balanced_accuracy"),
+        "test_reported_only": {"balanced_accuracy": logged("test_balanced_accuracy"),
+                               "auc": logged("test_auc")}}
+    card = version_file(runs, name, version, model_card.card_file(version))
+    assert "## Provenance" in card and f"`provenance` in `version_v{version}.json`" in card
+    for shown in (f"| MLflow run | `{runs['good']}` ({run.info.run_name}) |",
+                  f"| architecture | {params['model.arch']} |",
+                  f"| split seed | {params['data.split_seed']} |",
+                  *(f"| data digest, {n} | `{d}` |" for n, d in digests.items()),
+                  "| test balanced accuracy (reported only) | "
+                  f"{m['test_balanced_accuracy']:.3f} (95 % CI "
+                  f"{m['test_balanced_accuracy_ci_low']:.3f}-"
+                  f"{m['test_balanced_accuracy_ci_high']:.3f}) |"):
+        assert shown in card, shown

@@ -20,6 +20,7 @@ from skinml.core.config import load_config
 from skinml.core.labels import CLASSES
 from skinml.data import SplitError
 from skinml.data.cache import cache_root
+from skinml.tracking.reader import logged_models_of, model_uri_of
 from skinml.training.checkpoint import Checkpoint
 from skinml.workflows import prepared
 from skinml.workflows.train import train
@@ -30,6 +31,7 @@ from ..conftest import (
     cuda_test,
     image_frame,
     refused_statements,
+    skinml_in_process,
     tiny,
     user_run_state,
 )
@@ -272,8 +274,6 @@ main(sys.argv[1:])
 
 def _one_live_model(run_id: str) -> str:
     """The run holds exactly one logged model, READY and loadable; its URI."""
-    from skinml.tracking.reader import logged_models_of, model_uri_of
-
     run = mlflow.get_run(run_id)
     (model,) = logged_models_of(run_id, run.info.experiment_id)
     assert model.status.name == "READY"
@@ -344,3 +344,26 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
     resumed = train(load_config(DEMO, []), resume_run_id=run_id)  # config from config.yaml
     assert resumed.run_id == run_id and resumed.best_epoch == 1
     assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoint_was_removed_is_not_restarted_silently(tracking, small_folder):
+    save = Checkpoint.save
+
+    def interrupted_after_epoch_2(self, model, tools, state):
+        save(self, model, tools, state)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt) as stopped:
+        patch.setattr(Checkpoint, "save", interrupted_after_epoch_2)
+        train(load_config(DEMO, tiny(small_folder, "optim.epochs=3")))
+    run_id = stopped.value.run_id
+    checkpoint = cache_root() / "checkpoints" / run_id / "last.pt"
+    checkpoint.unlink()  # e.g. `skinml cache prune --checkpoints`
+    result = skinml_in_process("train", "--resume", run_id)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: --resume {run_id}: its checkpoint {checkpoint} is gone after 2 epochs "
+        "(removed by `skinml cache prune`?): start a new run instead")
+    assert mlflow.get_run(run_id).info.status == "KILLED"

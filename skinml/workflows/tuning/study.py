@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from skinml.core.config import Config, shipped_or_path
 from skinml.core.errors import SkinmlError
-from skinml.data.split import check_fold_count
+from skinml.data.split import assign_folds
 from skinml.evaluation import reports
 from skinml.tracking import reader
 from skinml.tracking.retry import is_create_race, retry_create_race
@@ -56,8 +56,8 @@ def tune(options: TuneOptions) -> TuneResult:
     space = load_search_space(options.search_space)
     check_options(options)
     data = prepare_data(base)  # the cache is built (or found) once for every trial
-    if options.objective == "cv":  # refused before the study exists, not once per trial
-        check_fold_count(data.frame, data.split, options.folds)
+    if options.objective == "cv":  # refused (or warned of) once, before the study exists
+        assign_folds(data.frame, data.split, options.folds, seed=base.data.split_seed)
     study = open_study(options)
     with study_run(base.runtime.experiment, options.study_name, masked(options.storage),
                    logged_options(options)) as parent:

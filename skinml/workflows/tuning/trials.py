@@ -11,6 +11,7 @@ import optuna
 
 from skinml.core.config import Config
 from skinml.tracking.writer import mark_trial
+from skinml.training.checkpoint import checkpoint_path, remove_checkpoint
 from skinml.training.choices import load_run_config
 from skinml.training.engine import EpochResult
 from skinml.workflows.cv import CVHooks, cross_validate
@@ -43,10 +44,15 @@ def run_trial(trial: optuna.Trial, options: TuneOptions, space: tuple[Dimension,
         if started:
             mark_trial(started[0], "PRUNED")
         raise
+    except KeyboardInterrupt:
+        raise  # its run is KILLED already; `skinml tune` again continues the study
     except BaseException:
         if started:
             mark_trial(started[0], "FAIL")
         raise
+    finally:  # a study resumes, never a trial: whatever the end, its checkpoint is no use
+        if started and not config.runtime.keep_checkpoint:
+            remove_checkpoint(checkpoint_path(config, started[0]))
     mark_trial(run_id, "COMPLETE")
     return value
 

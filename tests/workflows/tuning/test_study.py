@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from skinml.data.cache import cache_root
 from skinml.workflows.tuning import trials
 from skinml.workflows.tuning.study import open_study, tune
 from skinml.workflows.tuning.trials import RUN_ID_ATTR
@@ -19,8 +20,11 @@ from .conftest import runs_of, tuning_options
 
 
 @pytest.mark.slow
-def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, synthetic):
+def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, synthetic,
+                                                         caplog):
     result = tune(tuning_options(tmp_path, synthetic, verdict=True))
+    # the verdict is the CLI's line to print (`result.verdict`); logged too, it showed twice
+    assert not [r for r in caplog.records if "vs base config" in r.getMessage()]
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -96,6 +100,7 @@ def test_pruned_trial_is_killed_not_finished_and_resume_continues(tracking, tmp_
     assert pruned.data.tags["optuna.trial_state"] == "PRUNED"
     assert "test_balanced_accuracy" not in pruned.data.metrics
     assert trials[1].user_attrs[RUN_ID_ATTR] == pruned.info.run_id
+    assert list((cache_root() / "checkpoints").glob("*/last.pt")) == []  # pruned ones' too
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell here, not optimize
@@ -134,7 +139,7 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
     client = mlflow.MlflowClient()
     challenger = client.get_model_version_by_alias("skin-lesion-classifier", "challenger")
     best = optuna.load_study(study_name="cli", storage=storage).best_trial
-    assert challenger.tags["run_id"] == best.user_attrs[RUN_ID_ATTR]
+    assert challenger.run_id == best.user_attrs[RUN_ID_ATTR]
 
     again = skinml("register", "--study", "cli", "--storage", storage, cwd=tmp_path,
                    env={"MLFLOW_TRACKING_URI": tracking})

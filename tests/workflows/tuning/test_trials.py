@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from skinml.training.checkpoint import checkpoint_path
 from skinml.workflows.cv import PARENT_TAG
 from skinml.workflows.tuning import trials
 from skinml.workflows.tuning.options import TuneOptions
@@ -49,8 +50,10 @@ def fold_runs(parent_id: str) -> list:
 
 
 def test_each_trial_is_a_cv_parent_under_the_study_reporting_the_running_fold_mean(
-        tracking, tmp_path, folder):
+        tracking, tmp_path, folder, caplog):
     result = tune(options(tmp_path, folder, verdict=True))
+    small = [r for r in caplog.records if "validation folds hold fewer" in r.getMessage()]
+    assert len(small) == 1  # 5 lesions a class in 3 folds: warned once, not once a trial
     study = optuna.load_study(study_name="cv-study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     for trial in study.trials:
@@ -104,3 +107,29 @@ def test_a_trial_pruned_after_its_first_fold_trains_no_more_folds(tracking, tmp_
     metrics = mlflow.get_run(result.parent_run_id).data.metrics
     assert metrics["pruned_epochs_saved"] == (FOLDS - 1) * 1  # two folds of one epoch
 
+
+
+def test_an_interrupted_trial_stays_killed_and_leaves_no_checkpoint(tracking, tmp_path,
+                                                                    monkeypatch):
+    options = tuning_options(tmp_path, tmp_path)
+    config = trials.load_run_config(options.config, list(options.overrides))
+    checkpoint = checkpoint_path(config, "0" * 32)
+
+    def interrupted_in_training(config, options, data, tags, trial, on_run_start):
+        client = MlflowClient()  # a run standing in for the trial's training run
+        run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+        on_run_start(run.info.run_id)
+        client.set_terminated(run.info.run_id, status="KILLED")  # as Ctrl-C ends it
+        checkpoint.parent.parent.joinpath(run.info.run_id).mkdir(parents=True)
+        checkpoint.parent.parent.joinpath(run.info.run_id, "last.pt").write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trials, "fit_config", interrupted_in_training)
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    with pytest.raises(KeyboardInterrupt):
+        trials.run_trial(trial, options, (), data=None)
+    run_id = trial.user_attrs[RUN_ID_ATTR]
+    assert mlflow.get_run(run_id).info.status == "KILLED"  # not FAILED: it was stopped
+    assert "optuna.trial_state" not in mlflow.get_run(run_id).data.tags
+    assert not checkpoint.parent.parent.joinpath(run_id).exists()  # a trial never resumes
