@@ -22,6 +22,7 @@ import numpy as np
 
 MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
+IDLE_SECONDS = 5.0  # a worker thread idle this long ends (the next call starts another)
 
 
 def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
@@ -61,20 +62,27 @@ class Coalescer:
 
     def __call__(self, rows: np.ndarray, key: Hashable = None) -> np.ndarray:
         job = _Job(rows, key)
-        self._ensure_worker()
-        self._queue.put(job)
-        return job.result.result()
-
-    def _ensure_worker(self) -> None:
-        with self._start:
+        with self._start:  # under the lock a worker that is leaving cannot miss the job
+            self._queue.put(job)
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._serve, daemon=True,
                                                 name="skinml-coalescer")
                 self._worker.start()
+        return job.result.result()
 
     def _serve(self) -> None:
+        """Run batches until idle for IDLE_SECONDS, then end: a thread that lived for ever
+        would keep its model in memory for ever (a tuning worker loads one per fold)."""
         while True:
-            jobs = self._gather(self._queue.get())
+            try:
+                first = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._start:
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
+            jobs = self._gather(first)
             for key in dict.fromkeys(job.key for job in jobs):
                 self._run([job for job in jobs if job.key == key], key)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from skinml.tracking import coalescer as module
 from skinml.tracking.coalescer import Coalescer
 
 
@@ -72,3 +75,27 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("SKINML_SERVE_MAX_WAIT_MS", "0")
     coalesce = Coalescer.from_environment(Recorder())
     assert coalesce.max_batch == 8 and coalesce.max_wait == 0
+
+
+def test_an_idle_worker_ends_and_lets_its_model_go(monkeypatch):
+    monkeypatch.setattr(module, "IDLE_SECONDS", 0.05)
+    model = Recorder(seconds=0)
+    coalescer = Coalescer(model)
+    assert (coalescer(np.arange(3)) == np.arange(3) * 2).all()
+    worker = coalescer._worker
+    worker.join(timeout=5)
+    assert not worker.is_alive()  # idle: the thread ended
+    assert (coalescer(np.arange(2)) == np.arange(2) * 2).all()  # the next call starts one
+    coalescer._worker.join(timeout=5)
+    gone = weakref.ref(model)
+    del coalescer, model
+    gc.collect()
+    assert gone() is None  # nothing keeps a loaded model alive once it is idle
+
+
+def test_calls_racing_an_ending_worker_are_all_served(monkeypatch):
+    monkeypatch.setattr(module, "IDLE_SECONDS", 0.001)  # workers end between most calls
+    coalescer = Coalescer(Recorder(seconds=0))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: coalescer(np.array([i]))[0], range(400)))
+    assert results == [2 * i for i in range(400)]
