@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import base64  # noqa: E402
 import collections
 import contextlib
+import gc
 import json
 import shutil
 import subprocess
@@ -382,6 +383,14 @@ def postgres() -> Iterator[list[str]]:
 
 
 SHARED_STORE = ("demo", "demo_store", "champion_server")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection imported (torch, MLflow, ...: ~600,000 objects) lives as long as the
+    process: out of the garbage collector's sight. pytest ends a session with five full
+    collections; over that heap they ran past the 5 s execnet gives a finishing xdist worker,
+    which then sent itself SIGINT (a PytestUnraisableExceptionWarning at the end)."""
+    gc.freeze()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
