@@ -57,6 +57,13 @@ def shortcut_overrides(shortcuts: dict[str, str | None]) -> list[str]:
     return items
 
 
+def run_overrides(shortcuts: dict[str, str | None], overrides: str | None,
+                  sets: tuple[str, ...]) -> list[str]:
+    """Every override of a training command, in the order later ones win: the shortcuts,
+    then MLproject's space-separated --overrides, then each --set."""
+    return shortcut_overrides(shortcuts) + (overrides or "").split() + list(sets)
+
+
 GATE_DATA = click.option(
     "--gate-data", callback=blank_is_none, metavar="DIR",
     help="Labelled HAM10000 folder to judge challenger and champion on (all of it). Needed "

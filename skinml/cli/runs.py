@@ -14,7 +14,7 @@ from skinml.cli.options import (
     OVERRIDES,
     SEED,
     blank_is_none,
-    shortcut_overrides,
+    run_overrides,
     whole_number,
 )
 
@@ -50,9 +50,7 @@ def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch_under_torchrun(nproc)
 
-    items = shortcut_overrides(shortcuts)
-    items += (overrides or "").split() + list(sets)
-    config = load_run_config(config_path, items)
+    config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
     result = run_training(config, resume_run_id=resume_run_id)
     if os.environ.get("RANK", "0") != "0":
         return  # rank 0 reports
@@ -86,8 +84,8 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
         raise click.BadParameter(f"{folds!r} is not a whole number", param_hint="--folds") from None
     if fold_count < 2:
         raise click.BadParameter("needs at least 2 folds", param_hint="--folds")
-    items = shortcut_overrides(shortcuts) + (overrides or "").split() + list(sets)
-    result = cross_validate(load_run_config(config_path, items), fold_count, resume_run_id)
+    config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
+    result = cross_validate(config, fold_count, resume_run_id)
     oof, test = result.oof, result.test
     click.echo(f"run {result.run_id}: {len(result.fold_run_ids)} folds, out-of-fold balanced "
                f"accuracy {oof['balanced_accuracy']:.4f} (95 % CI "

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 DEFAULT_SIZE = 256
-_IMAGES = "images.npy"
-_META = "meta.json"
-_TMP_PREFIX = ".tmp-"
+IMAGES_FILE = "images.npy"
+META_FILE = "meta.json"
+BUILD_PREFIX = ".tmp-"  # a build in progress: BUILD_PREFIX + key + -host-pid
+KEY_DIGITS = 20  # a cache folder's name: this many hex digits of `cache_key`
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def cache_key(df: pd.DataFrame, size: int) -> str:
     for image_id, path in sorted(zip(df["image_id"], df["path"], strict=True)):
         stat = os.stat(path)
         digest.update(f"{image_id}\t{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()[:KEY_DIGITS]
 
 
 def prepare_cache(df: pd.DataFrame, *, size: int = DEFAULT_SIZE, root: Path | None = None,
@@ -109,12 +110,17 @@ def open_cache(path: Path) -> ImageCache:
     return cache
 
 
+def cache_meta(path: Path) -> dict:
+    """A cache folder's meta.json: format, size, shape, image ids, skipped images."""
+    return json.loads((path / META_FILE).read_text())
+
+
 def _open_existing(path: Path) -> ImageCache | None:
-    if not (path / _META).is_file():
+    if not (path / META_FILE).is_file():
         return None
     try:
-        meta = json.loads((path / _META).read_text())
-        images = np.load(path / _IMAGES, mmap_mode="r")
+        meta = cache_meta(path)
+        images = np.load(path / IMAGES_FILE, mmap_mode="r")
         complete = (meta["format"] == CACHE_FORMAT and list(images.shape) == meta["shape"]
                     and len(meta["image_ids"]) == images.shape[0])
     except (OSError, ValueError, KeyError, TypeError):
@@ -133,11 +139,11 @@ def _build(df: pd.DataFrame, final: Path, size: int, skip_corrupt: bool,
     image_ids = ordered["image_id"].tolist()
     paths = ordered["path"].tolist()
     height, width = _common_frame(paths, size, skip_corrupt)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{socket.gethostname()}-{os.getpid()}"
+    tmp = final.parent / f"{BUILD_PREFIX}{final.name}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        images = np.lib.format.open_memmap(tmp / _IMAGES, mode="w+", dtype=np.uint8,
+        images = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.uint8,
                                            shape=(len(paths), height, width, 3))
 
         def decode(row: int) -> str | None:
@@ -158,7 +164,7 @@ def _build(df: pd.DataFrame, final: Path, size: int, skip_corrupt: bool,
         meta = {"format": CACHE_FORMAT, "size": size, "shape": [len(paths), height, width, 3],
                 "image_ids": image_ids, "skipped": skipped,
                 "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        _write_durably(tmp / _META, json.dumps(meta))
+        _write_durably(tmp / META_FILE, json.dumps(meta))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -202,7 +208,7 @@ def _write_durably(path: Path, text: str) -> None:
 def _remove_abandoned_builds(root: Path) -> None:
     """Delete temporary folders left by killed builds on this host (their PID is gone)."""
     host = socket.gethostname()
-    for tmp in root.glob(f"{_TMP_PREFIX}*"):
+    for tmp in root.glob(f"{BUILD_PREFIX}*"):
         tmp_host, _, pid = tmp.name.rpartition("-")
         if not (pid.isdigit() and tmp_host.endswith(f"-{host}")):
             continue

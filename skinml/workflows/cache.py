@@ -16,7 +16,6 @@ creates a tracking store.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from stat import S_ISREG
 import yaml
 
 from skinml.core.errors import SkinmlError
+from skinml.data.cache import BUILD_PREFIX, IMAGES_FILE, KEY_DIGITS, cache_meta
 from skinml.tracking.reader import run_status
 from skinml.tracking.store import require_tracking_store, shown_uri
 
@@ -36,10 +36,10 @@ KINDS = ("images", "checkpoints", "mlserver")
 RUNNING = "RUNNING"
 FINISHED = "FINISHED"
 
-# The names skinml gives its folders: a 20-digit cache key (or a build of one in progress),
-# an MLflow run id, 16 digits of the model URI's SHA-256.
-_IMAGE_CACHE = re.compile(r"[0-9a-f]{20}")
-_IMAGE_BUILD = re.compile(r"\.tmp-[0-9a-f]{20}-.+")
+# The names skinml gives its folders: a cache key (or a build of one in progress), an
+# MLflow run id, 16 digits of the model URI's SHA-256 (serving/mlserver.py).
+_IMAGE_CACHE = re.compile(f"[0-9a-f]{{{KEY_DIGITS}}}")
+_IMAGE_BUILD = re.compile(f"{re.escape(BUILD_PREFIX)}[0-9a-f]{{{KEY_DIGITS}}}-.+")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _MLSERVER = re.compile(r"[0-9a-f]{16}")
 _DAY = 86_400
@@ -139,7 +139,7 @@ def remove_entry(entry: CacheEntry) -> None:
 
 def _image_caches(root: Path) -> Iterator[CacheEntry]:
     for path in _folders(root, _IMAGE_CACHE):
-        images = path / "images.npy"  # its atime: when training last opened the cache
+        images = path / IMAGES_FILE  # its atime: when training last opened the cache
         used = images.stat().st_atime if images.is_file() else 0.0
         yield _entry("images", path, root, _image_cache_about(path), used=used)
     for path in _folders(root, _IMAGE_BUILD):
@@ -149,7 +149,7 @@ def _image_caches(root: Path) -> Iterator[CacheEntry]:
 def _image_cache_about(path: Path) -> str:
     """Size, frame and image count, from the cache's meta.json (the images stay unread)."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = cache_meta(path)
         count, height, width, _ = meta["shape"]
         return f"{meta['size']} px ({width}x{height}), {count} images"
     except (OSError, ValueError, KeyError, TypeError):
@@ -177,13 +177,10 @@ def _checkpoints(root: Path) -> Iterator[CacheEntry]:
 def _run_statuses(run_ids: list[str]) -> dict[str, str | None]:
     """Each run's status in the tracking store; None for a run it does not hold (or when
     there is no store: asking a missing SQLite store would create an empty one)."""
-    statuses: dict[str, str | None] = dict.fromkeys(run_ids)
-    if not run_ids:
-        return statuses
     try:
         require_tracking_store()
     except SkinmlError:
-        return statuses
+        return dict.fromkeys(run_ids)
     return {run_id: run_status(run_id) for run_id in run_ids}
 
 
