@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinml.data.decode import fit_to_frame, frame_for, image_size, map_images, open_rgb
+from skinml.data.decode import decode_to_frame, frame_for, image_size, map_images
 from skinml.data.errors import CorruptImageError, DataError
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,12 @@ def _build(df: pd.DataFrame, final: Path, size: int, skip_corrupt: bool,
 
         def decode(row: int) -> str | None:
             try:
-                # Draft at twice the frame: JPEG's DCT scaling is fast, the resize then smooths.
-                image = open_rgb(paths[row], draft_to=(2 * width, 2 * height))
+                images[row] = decode_to_frame(paths[row], height, width)
             except CorruptImageError as exc:
                 if not skip_corrupt:
                     raise
                 log.warning("%s", exc)
                 return image_ids[row]
-            images[row] = np.asarray(fit_to_frame(image, height, width))
             return None
 
         skipped = [i for i in map_images(decode, len(paths), workers=workers,

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -59,15 +60,32 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise CorruptImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
 
 
+def frame_geometry(image_width: int, image_height: int, height: int, width: int
+                   ) -> tuple[int, int, int, int]:
+    """(resized_w, resized_h, left, top): the resize that covers height x width, then the
+    centre crop's corner (shared by the CPU path and the GPU JPEG path)."""
+    scale = max(height / image_height, width / image_width)
+    resized_w = max(width, round(image_width * scale))
+    resized_h = max(height, round(image_height * scale))
+    return resized_w, resized_h, (resized_w - width) // 2, (resized_h - height) // 2
+
+
 def fit_to_frame(image: Image.Image, height: int, width: int) -> Image.Image:
     """Resize so the image covers height x width, then centre-crop: the cache's geometry."""
-    scale = max(height / image.height, width / image.width)
-    resized_w = max(width, round(image.width * scale))
-    resized_h = max(height, round(image.height * scale))
+    resized_w, resized_h, left, top = frame_geometry(image.width, image.height, height, width)
     if (resized_w, resized_h) != image.size:
         image = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
-    left, top = (resized_w - width) // 2, (resized_h - height) // 2
     return image.crop((left, top, left + width, top + height))
+
+
+def decode_to_frame(source: str | os.PathLike | BinaryIO, height: int, width: int,
+                    max_pixels: int | None = None) -> np.ndarray:
+    """One image as the (height, width, 3) uint8 pixels every path feeds the network: the
+    training cache, the served model and `skinml predict` all call this, so their pixels are
+    identical. JPEGs decode at reduced DCT scale (draft) down to twice the frame: fast, and
+    the bilinear resize then smooths."""
+    image = open_rgb(source, draft_to=(2 * width, 2 * height), max_pixels=max_pixels)
+    return np.asarray(fit_to_frame(image, height, width))
 
 
 def map_images(work: Callable[[int], T], count: int, *, workers: int | None = None,

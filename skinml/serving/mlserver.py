@@ -18,7 +18,6 @@ from skinml.core.files import write_atomically
 from skinml.data.cache import cache_root
 from skinml.serving.ports import free_port
 from skinml.tracking.coalescer import batch_settings
-from skinml.tracking.pyfunc import MAX_REQUEST_MB_ENV, MAX_ROWS_ENV
 
 MLSERVER_MODEL_NAME = "skin-lesion-classifier"  # V2 path: /v2/models/<this>/infer
 
@@ -68,12 +67,13 @@ def mlserver_command(model_uri: str, host: str, port: int) -> tuple[list[str], d
     """`mlserver start` of the model's folder (prepared here), and its environment.
 
     MLServer merges requests before the model sees them, so the model's per-request limits
-    would judge a whole merged batch: they are off there (a proxy's body limit belongs in
-    front). Batching follows SKINML_SERVE_MAX_BATCH and SKINML_SERVE_MAX_WAIT_MS.
+    would judge a whole merged batch: the model applies them only behind MLflow's scoring
+    server, not here (a proxy's body limit belongs in front). Batching follows
+    SKINML_SERVE_MAX_BATCH and SKINML_SERVE_MAX_WAIT_MS.
     """
     max_batch, max_wait = batch_settings(default_max_batch=MLSERVER_MAX_BATCH)
     folder = cache_root() / "mlserver" / hashlib.sha256(model_uri.encode()).hexdigest()[:16]
     mlserver_folder(model_uri, folder, host, port, max_batch, max_wait * 1000)
     command = [sys.executable, "-c", "import sys; from mlserver.cli import main; sys.exit(main())",
                "start", str(folder)]
-    return command, {**os.environ, MAX_ROWS_ENV: "0", MAX_REQUEST_MB_ENV: "0"}
+    return command, dict(os.environ)

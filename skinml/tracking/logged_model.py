@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import shutil
 import tempfile
 from importlib import metadata as package_metadata
@@ -29,12 +30,15 @@ from skinml.core.errors import SkinmlError, first_line
 from skinml.core.labels import CLASSES, ISIC_COLUMNS, PROBABILITY_COLUMNS, probability_column
 from skinml.data.decode import open_rgb
 from skinml.data.preprocess import Preprocess
-from skinml.tracking.pyfunc import MAX_PIXELS, RequestLimits
+from skinml.tracking.pyfunc import MAX_PIXELS
 from skinml.tracking.store import store_hint
 
 WEIGHTS_FORMAT = 1
 PACKAGE = Path(__file__).parents[1]  # the skinml package, copied into every logged model
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+# Image files read and encoded per predict call: a 10,000-image set never sits in memory as
+# base64 at once (the model then runs each call in chunks of its own).
+FILE_CHUNK, FILE_CHUNK_MB = 256, 64
 _REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pyyaml",
                  "scikit-learn", "tqdm")
 
@@ -126,7 +130,7 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
         open_rgb(path, max_pixels=MAX_PIXELS)
     model = load_model(model_uri)
     table = pd.concat([model.predict(_encoded(chunk), params={"tta": tta})
-                       for chunk in RequestLimits.from_environment().chunks(paths)])
+                       for chunk in file_chunks(paths)])
     table.index = pd.Index([Path(p).stem for p in paths], name="image")
     return table
 
@@ -135,14 +139,30 @@ def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool 
                   calibrated: bool = True) -> np.ndarray:
     """Class probabilities (rows in `paths` order) of image files, exactly as served.
 
-    Files are read and encoded a chunk at a time, so a 10,000-image set never sits in
-    memory as base64 at once.
+    Files are read and encoded a chunk at a time (`file_chunks`).
     """
     chunks = []
-    for chunk in RequestLimits.from_environment().chunks(paths):
+    for chunk in file_chunks(paths):
         table = model.predict(_encoded(chunk), params={"tta": tta, "calibrated": calibrated})
         chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
     return np.concatenate(chunks)
+
+
+def file_chunks(paths: list[Path], max_files: int | None = None,
+                max_mb: float | None = None) -> list[list[Path]]:
+    """`paths` cut into calls of at most `max_files` files and `max_mb` MB of base64
+    (FILE_CHUNK and FILE_CHUNK_MB by default)."""
+    max_files, max_mb = max_files or FILE_CHUNK, max_mb or FILE_CHUNK_MB
+    chunks: list[list[Path]] = [[]]
+    size = 0.0
+    for path in paths:
+        encoded = 4 * math.ceil(Path(path).stat().st_size / 3)
+        if chunks[-1] and (len(chunks[-1]) >= max_files or size + encoded > max_mb * 1e6):
+            chunks.append([])
+            size = 0.0
+        chunks[-1].append(path)
+        size += encoded
+    return [chunk for chunk in chunks if chunk]
 
 
 def _encoded(paths: list[Path]) -> pd.DataFrame:

@@ -12,8 +12,10 @@ import binascii
 import io
 import math
 import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -26,18 +28,27 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import CLASSES, DIAGNOSES, PROBABILITY_COLUMNS
-from skinml.data.decode import fit_to_frame, open_rgb
+from skinml.data.decode import decode_to_frame
 from skinml.data.preprocess import Preprocess
 from skinml.models import build_model
 from skinml.tracking.coalescer import Coalescer
 
 MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
-CHUNK = 64  # images per forward pass: a 10,000-row request does not exhaust memory
-_FILE_CHUNK = 256  # image files read and encoded per predict call (predict_paths)
-# Limits on one request, checked before any image is decoded (a client cannot make the
-# server decode 100,000 images or hold gigabytes of pixels for one call).
+# Images per forward pass: any number of rows runs in chunks, so memory holds the input,
+# the output and at most two chunks of pixels (one decoding while the other runs).
+CHUNK = 64
+# Limits on one request reaching a server, checked before any image is decoded (a client
+# cannot make the server decode 100,000 images or hold gigabytes of pixels for one call).
 MAX_ROWS_ENV, MAX_ROWS = "SKINML_SERVE_MAX_ROWS", 256
 MAX_REQUEST_MB_ENV, MAX_REQUEST_MB = "SKINML_SERVE_MAX_REQUEST_MB", 64
+# MLflow's scoring server (`mlflow models serve`, hence `skinml serve`) sets this in every
+# worker process before it loads the model: mlflow.pyfunc.scoring_server._SERVER_MODEL_PATH,
+# unchanged since MLflow 1.x (tests/tracking/test_pyfunc.py pins it). In-process predict,
+# `mlflow models predict` and `spark_udf` (env_manager="local") run without it.
+SCORING_SERVER_ENV = "__pyfunc_model_path__"
+DECODE_WORKERS_ENV = "SKINML_DECODE_WORKERS"
+
+
 class SkinLesionModel(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame column `image` (base64 JPEG/PNG) -> label, diagnosis, confidence, p_*."""
 
@@ -66,7 +77,8 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         # One temperature for one network; an ensemble has none that applies to its mean.
         self.temperature = self.temperatures[0] if len(members) == 1 else math.nan
         self.transform = self.preprocess.eval_transform().to(self.device)
-        self.limits = RequestLimits.from_environment()
+        self.limits = RequestLimits.for_this_process()
+        self.decoder = ParallelDecoder(self.preprocess.frame)
         # Concurrent requests (the scoring server's threads) share forward passes.
         self.coalesce = Coalescer.from_environment(self._forward)
 
@@ -83,10 +95,9 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         images = _image_column(model_input)
         self.limits.check(images)
         params = params or {}
-        tta, calibrated = bool(params.get("tta", False)), bool(params.get("calibrated", True))
-        probs = np.concatenate([self._batch_probabilities(images[i:i + CHUNK], i, tta, calibrated)
-                                for i in range(0, len(images), CHUNK)])
-        return probability_table(probs)
+        key = (bool(params.get("tta", False)), bool(params.get("calibrated", True)))
+        probs = [self.coalesce(pixels, key) for pixels in self.decoder.chunks(images, CHUNK)]
+        return probability_table(np.concatenate(probs))
 
     def inputs(self, pixels: np.ndarray) -> torch.Tensor:
         """Network input from uint8 (B, H, W, 3) images already fitted to the frame."""
@@ -100,13 +111,6 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
             for network, temperature in zip(self.networks, self.temperatures, strict=True)
         ]).mean(0)
 
-    def _batch_probabilities(self, encoded: list[Any], offset: int, tta: bool,
-                             calibrated: bool) -> np.ndarray:
-        """Decoded here, in the caller's thread (a bad image fails only its own request);
-        the forward pass is shared with whatever other requests are queued."""
-        pixels = np.stack([self._decode(value, offset + i) for i, value in enumerate(encoded)])
-        return self.coalesce(pixels, (tta, calibrated))
-
     @torch.no_grad()
     def _forward(self, pixels: np.ndarray, key: tuple[bool, bool]) -> np.ndarray:
         tta, calibrated = key
@@ -115,60 +119,122 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         probs = torch.stack([self.probabilities(view, calibrated) for view in views]).mean(0)
         return probs.cpu().numpy().astype(np.float64)
 
-    def _decode(self, value: Any, row: int) -> np.ndarray:
+class ParallelDecoder:
+    """Rows of one call decoded on a thread pool (Pillow releases the GIL while decoding),
+    with the function the training cache uses (`decode_to_frame`), so served pixels are the
+    training pixels. A bad row raises BadInput naming its row; a lone row decodes in the
+    caller's thread (no hand-off for a one-image request)."""
+
+    def __init__(self, frame: tuple[int, int], workers: int | None = None) -> None:
+        self.frame = frame
+        self.workers = workers or decode_workers()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def chunks(self, values: list[Any], size: int) -> Iterator[np.ndarray]:
+        """(rows, H, W, 3) uint8 chunks of `values` in order; the next chunk decodes while
+        the caller uses the current one."""
+        starts = range(0, len(values), size)
+        ahead = None
+        try:
+            for start in starts:
+                submitted = self._submit(values[start:start + size], start)
+                if ahead is not None:
+                    yield self._collect(ahead)
+                ahead = submitted
+            if ahead is not None:
+                yield self._collect(ahead)
+                ahead = None
+        finally:
+            for future in ahead or ():
+                future.cancel()
+
+    def decode(self, value: Any, row: int) -> np.ndarray:
         if not isinstance(value, str | bytes) or not value:
             raise _bad_input(f"row {row}: image must be a non-empty base64 string")
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise _bad_input(f"row {row}: image is not valid base64") from None
-        height, width = self.preprocess.frame
         try:
-            # Decoded exactly as the training cache decoded it (same JPEG draft scale).
-            image = open_rgb(io.BytesIO(raw), draft_to=(2 * width, 2 * height),
-                             max_pixels=MAX_PIXELS)
+            return decode_to_frame(io.BytesIO(raw), *self.frame, max_pixels=MAX_PIXELS)
         except SkinmlError as exc:
             raise _bad_input(f"row {row}: {exc}") from None
-        return np.asarray(fit_to_frame(image, height, width))
+
+    def _submit(self, values: list[Any], offset: int) -> list[Future]:
+        if len(values) == 1 or self.workers == 1:
+            done: list[Future] = []
+            for i, value in enumerate(values):
+                future: Future = Future()
+                try:
+                    future.set_result(self.decode(value, offset + i))
+                except BadInput as exc:
+                    future.set_exception(exc)
+                done.append(future)
+            return done
+        pool = self._executor()
+        return [pool.submit(self.decode, value, offset + i) for i, value in enumerate(values)]
+
+    @staticmethod
+    def _collect(futures: list[Future]) -> np.ndarray:
+        try:
+            return np.stack([future.result() for future in futures])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # Made on first use, in the process that predicts (never inherited across a fork);
+        # its idle threads hold no reference to the model, so the model can still be freed.
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="skinml-decode")
+            return self._pool
+
+
+def decode_workers() -> int:
+    """SKINML_DECODE_WORKERS, else one thread per core (at most 8)."""
+    value = os.environ.get(DECODE_WORKERS_ENV, "")
+    return max(1, int(value)) if value.strip() else min(8, os.cpu_count() or 1)
+
+
+def behind_scoring_server() -> bool:
+    """True in a worker of MLflow's scoring server, where requests come from clients."""
+    return bool(os.environ.get(SCORING_SERVER_ENV))
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """The most images, and base64 megabytes, one `predict` call accepts."""
+    """The most images, and base64 megabytes, one `predict` call accepts (None: no limit)."""
 
-    max_rows: int = MAX_ROWS
-    max_mb: float = MAX_REQUEST_MB
+    max_rows: int | None = MAX_ROWS
+    max_mb: float | None = MAX_REQUEST_MB
+
+    @classmethod
+    def for_this_process(cls) -> RequestLimits:
+        """The server limits behind MLflow's scoring server; none in a user's own process
+        (in-process predict, `mlflow models predict`, `spark_udf`), where rows run in
+        chunks and a limit would protect nobody."""
+        return cls.from_environment() if behind_scoring_server() else cls(None, None)
 
     @classmethod
     def from_environment(cls) -> RequestLimits:
         """SKINML_SERVE_MAX_ROWS (256) and SKINML_SERVE_MAX_REQUEST_MB (64); 0: no limit."""
         rows = int(os.environ.get(MAX_ROWS_ENV, MAX_ROWS))
         mb = float(os.environ.get(MAX_REQUEST_MB_ENV, MAX_REQUEST_MB))
-        return cls(max_rows=rows if rows > 0 else 10**12, max_mb=mb if mb > 0 else math.inf)
+        return cls(max_rows=rows if rows > 0 else None, max_mb=mb if mb > 0 else None)
 
     def check(self, images: list[Any]) -> None:
-        if len(images) > self.max_rows:
+        if self.max_rows is not None and len(images) > self.max_rows:
             raise _bad_input(f"request has {len(images)} images; at most {self.max_rows} per "
                              f"request ({MAX_ROWS_ENV})")
+        if self.max_mb is None:
+            return
         size = sum(len(value) for value in images if isinstance(value, str | bytes))
         if size > self.max_mb * 1e6:
             raise _bad_input(f"request holds {size / 1e6:.1f} MB of images; at most "
                              f"{self.max_mb:g} MB per request ({MAX_REQUEST_MB_ENV})")
-
-    def chunks(self, paths: list[Path]) -> list[list[Path]]:
-        """`paths` cut into calls that stay within the limits (and `_FILE_CHUNK` files)."""
-        chunks: list[list[Path]] = [[]]
-        size = 0.0
-        for path in paths:
-            encoded = 4 * math.ceil(Path(path).stat().st_size / 3)
-            chunk = chunks[-1]
-            if chunk and (len(chunk) >= min(self.max_rows, _FILE_CHUNK)
-                          or size + encoded > self.max_mb * 1e6):
-                chunks.append([])
-                size = 0.0
-            chunks[-1].append(path)
-            size += encoded
-        return [chunk for chunk in chunks if chunk]
 
 
 def probability_table(probs: np.ndarray) -> pd.DataFrame:

@@ -1,21 +1,24 @@
 """The served model in-process: preprocessing and temperature travel with it, TTA, request
-limits, and one-line errors naming the row."""
+limits only behind a server, any number of rows in chunks decoded in parallel with the
+training cache's pixels, and one-line errors naming the row."""
 
 from __future__ import annotations
 
 import base64
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
 from skinml.core.labels import PROBABILITY_COLUMNS
+from skinml.data.decode import decode_to_frame
 from skinml.data.preprocess import Preprocess
 from skinml.evaluation.calibration import apply_temperature
 from skinml.tracking import pyfunc
-from skinml.tracking.logged_model import predict_paths
+from skinml.tracking.logged_model import encode_image, example_jpeg
 
-from ..conftest import SAMPLE_IMAGES, image_frame
+from ..conftest import SAMPLE_IMAGES, b64, image_frame
 from .conftest import TEMPERATURE
 
 IMAGES = SAMPLE_IMAGES[:5]
@@ -47,18 +50,70 @@ def test_test_time_augmentation_averages_the_eight_views(logged_model):
     assert not np.allclose(tta.to_numpy(), plain)
 
 
-def test_an_oversized_call_is_refused_before_decoding(logged_model, monkeypatch):
+def test_limits_apply_only_behind_mlflows_scoring_server(monkeypatch):
+    """MLflow's scoring server sets this variable in every worker before loading the model;
+    a user's own process (predict, `mlflow models predict`, spark_udf) has none."""
+    from mlflow.pyfunc import scoring_server
+
+    assert pyfunc.SCORING_SERVER_ENV == scoring_server._SERVER_MODEL_PATH
+    monkeypatch.delenv(pyfunc.SCORING_SERVER_ENV, raising=False)
     monkeypatch.setenv(pyfunc.MAX_ROWS_ENV, "2")
-    limits = pyfunc.RequestLimits.from_environment()
+    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(None, None)
+    monkeypatch.setenv(pyfunc.SCORING_SERVER_ENV, "file:///models/m-1")
+    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(2, 64)
+    monkeypatch.delenv(pyfunc.MAX_ROWS_ENV)
+    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(256, 64)
+
+
+def test_an_oversized_request_is_refused_before_decoding(logged_model, monkeypatch):
+    served = logged_model.unwrap_python_model()
+    assert served.limits == pyfunc.RequestLimits(None, None)  # loaded in this process
+    monkeypatch.setattr(served, "limits", pyfunc.RequestLimits(max_rows=2))
     with pytest.raises(MlflowException, match=r"request has 3 images; at most 2 per request"):
-        limits.check(["not even base64"] * 3)
-    whole = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
-    monkeypatch.setattr(logged_model.unwrap_python_model(), "limits", limits)
-    with pytest.raises(MlflowException, match="at most 2 per request"):
-        logged_model.predict(image_frame(IMAGES))
-    # predict_paths keeps each call within the limits, so 5 files still work
-    np.testing.assert_allclose(predict_paths(logged_model, [str(p) for p in IMAGES]), whole,
-                               atol=1e-6)
+        logged_model.predict(pd.DataFrame({"image": ["not even base64"] * 3}))
+    monkeypatch.setattr(served, "limits", pyfunc.RequestLimits(max_mb=0.00001))
+    with pytest.raises(MlflowException, match=r"request holds 0.0 MB of images; at most 1e-05"):
+        logged_model.predict(pd.DataFrame({"image": ["not even base64"] * 3}))
+
+
+def test_rows_run_in_chunks_in_order_and_a_bad_row_is_named_by_its_place(logged_model):
+    """150 rows: three chunks decoded ahead of their forward passes, answers in row order,
+    each equal to the row predicted alone; a bad row in the last chunk names row 149."""
+    tiny = [encode_image(example_jpeg(str(path), 53)) for path in IMAGES]
+    rows = pd.DataFrame({"image": [tiny[i % 5] for i in range(150)]})
+    table = logged_model.predict(rows)[list(PROBABILITY_COLUMNS)].to_numpy()
+    alone = np.concatenate([logged_model.predict(rows.iloc[[i]])[list(PROBABILITY_COLUMNS)]
+                            for i in range(5)])
+    np.testing.assert_allclose(table, alone[np.arange(150) % 5], atol=1e-5)
+    rows.loc[149, "image"] = "@@@"
+    with pytest.raises(MlflowException, match="^row 149: image is not valid base64$"):
+        logged_model.predict(rows)
+
+
+def test_parallel_decode_gives_the_training_caches_pixels(logged_model):
+    served = logged_model.unwrap_python_model()
+    height, width = served.preprocess.frame
+    encoded = [b64(path) for path in IMAGES]
+    serial = np.concatenate(list(pyfunc.ParallelDecoder((height, width), workers=1)
+                                 .chunks(encoded, 2)))
+    parallel = np.concatenate(list(pyfunc.ParallelDecoder((height, width), workers=4)
+                                   .chunks(encoded, 2)))
+    cache = np.stack([decode_to_frame(path, height, width) for path in IMAGES])
+    assert serial.dtype == np.uint8 and serial.shape == (5, height, width, 3)
+    np.testing.assert_array_equal(serial, cache)
+    np.testing.assert_array_equal(parallel, cache)
+
+
+@pytest.mark.slow
+def test_twenty_thousand_rows_predict_in_process(logged_model):
+    """No row limit in a user's own process (11 s here: 20,000 small JPEGs)."""
+    tiny = [encode_image(example_jpeg(str(path), 53)) for path in SAMPLE_IMAGES[:50]]
+    rows = pd.DataFrame({"image": [tiny[i % 50] for i in range(20_000)]})
+    table = logged_model.predict(rows)
+    assert len(table) == 20_000
+    first = logged_model.predict(rows.iloc[:50])
+    np.testing.assert_allclose(table[list(PROBABILITY_COLUMNS)].to_numpy()[-50:],
+                               first[list(PROBABILITY_COLUMNS)].to_numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("value, reason", [
