@@ -218,6 +218,33 @@ ISIC_SCORER = ("import pandas; pandas.DataFrame.applymap = pandas.DataFrame.map;
                "from isic_challenge_scoring.__main__ import cli; cli()")
 
 
+# --- a logged model -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """An untrained resnext_small at 32 px (frame 40x53), logged as skinml logs every model
+    into a store of its own: for tests about packaging and scoring, not accuracy."""
+
+    model_uri: str
+    tracking_uri: str
+
+
+def log_tiny_model(root: Path, temperature: float = 1.0) -> LoggedModel:
+    import torch
+
+    from skinml.core.config import ModelConfig
+    from skinml.models import build_model
+    from skinml.tracking.logged_model import log_model, model_meta
+
+    with isolated_tracking(root) as uri:
+        torch.manual_seed(0)
+        config = ModelConfig(arch="resnext_small", image_size=32, crop_pct=0.875)
+        with mlflow.start_run():
+            info = log_model(build_model(config).state_dict(),
+                             model_meta(config, (40, 53), temperature), str(SAMPLE_IMAGES[0]))
+    return LoggedModel(info.model_uri, uri)
+
+
 # --- the skinml command ----------------------------------------------------------------
 
 def skinml(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

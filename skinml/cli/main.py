@@ -35,7 +35,9 @@ class _Cli(click.Group):
             _tag_launching_run(exc.format_message())
             raise
         except KeyboardInterrupt as exc:
-            click.echo(_interrupted(ctx.invoked_subcommand, getattr(exc, "run_id", None)),
+            hint = getattr(exc, "hint", None)
+            click.echo(f"interrupted: {hint}" if hint else
+                       _interrupted(ctx.invoked_subcommand, getattr(exc, "run_id", None)),
                        err=True)
             ctx.exit(130)  # 128 + SIGINT, as shells expect
 

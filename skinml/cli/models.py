@@ -134,21 +134,57 @@ def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: in
 
 @click.command()
 @click.argument("model_uri")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1)
+@click.option("--list", "lists", multiple=True, metavar="FILE",
+              help="A file listing image paths, one per line (relative to its folder).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the predictions into this folder in parts, with errors.csv and a "
+                   "manifest, for any number of images [default: print them].")
+@click.option("--format", "fmt", default="csv", show_default=True,
+              type=click.Choice(["csv", "parquet"]), help="Format of the parts (with --out).")
+@click.option("--part-size", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Images per part (with --out): what a killed run can lose and redo.")
+@click.option("--resume", is_flag=True,
+              help="Continue the killed or interrupted run that wrote --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @click.option("--tta", is_flag=True, help="Average the 8 flips/rotations of each image.")
-@click.option("--isic-csv", type=click.Path(path_type=Path),
+@click.option("--isic-csv", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the ISIC 2018 Task 3 submission CSV here.")
-def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
+def predict(model_uri: str, images: tuple[str, ...], lists: tuple[str, ...], out: Path | None,
+            fmt: str, part_size: int, resume: bool, as_json: bool, tta: bool,
             isic_csv: Path | None) -> None:
-    """Predict image files with a logged or registered model."""
-    from skinml.core.files import write_atomically
-    from skinml.tracking.logged_model import isic_submission, predict_files
+    """Predict image files, folders (recursive), glob patterns or listed paths with a logged
+    or registered model.
+
+    Without --out the predictions are printed (a file that cannot be decoded stops the
+    command). With --out they stream into parts: any number of images, a file that cannot be
+    read or decoded goes to errors.csv with its reason, and --resume continues a killed run
+    without a duplicate or a lost row.
+    """
+    from skinml.data.image_files import ImageSources
     from skinml.tracking.store import require_tracking_store
 
     require_tracking_store(model_uri)
+    sources = ImageSources.resolve(images, lists)
+    if out is None:
+        for given, name in ((resume, "--resume"), (fmt != "csv", "--format"),
+                            (part_size != 2048, "--part-size")):
+            if given:
+                raise click.BadParameter("needs --out", param_hint=name)
+        _print_predictions(model_uri, list(sources.paths()), as_json, tta, isic_csv)
+        return
+    if as_json:
+        raise click.BadParameter("prints to the terminal; with --out the predictions go to "
+                                 "files", param_hint="--json")
+    _score_into(model_uri, sources, out, fmt, part_size, resume, tta, isic_csv)
 
-    table = predict_files(model_uri, list(images), tta=tta)
+
+def _print_predictions(model_uri: str, paths: list[str], as_json: bool, tta: bool,
+                       isic_csv: Path | None) -> None:
+    from skinml.core.files import write_atomically
+    from skinml.tracking.logged_model import isic_submission, predict_files
+
+    table = predict_files(model_uri, [Path(path) for path in paths], tta=tta)
     if isic_csv is not None:
         write_atomically(isic_csv, isic_submission(table).to_csv(index=False))
     if as_json:
@@ -159,6 +195,36 @@ def predict(model_uri: str, images: tuple[Path, ...], as_json: bool, tta: bool,
         with pd.option_context("display.width", 200, "display.max_columns", 20,
                                "display.float_format", "{:.4f}".format):
             click.echo(table.to_string())
+
+
+def _score_into(model_uri: str, sources, out: Path, fmt: str, part_size: int, resume: bool,
+                tta: bool, isic_csv: Path | None) -> None:
+    import shlex
+    import sys
+
+    from skinml.core.errors import Interrupted
+    from skinml.workflows.score import ERRORS, PARTS, ScoreOptions, score_files
+
+    options = ScoreOptions(model_uri=model_uri, sources=sources, out=out, fmt=fmt, tta=tta,
+                           part_size=part_size, resume=resume, isic_csv=isic_csv)
+    try:
+        result = score_files(options)
+    except KeyboardInterrupt:
+        again = ["skinml", *sys.argv[1:], *([] if resume else ["--resume"])]
+        raise Interrupted(f"continue with: {shlex.join(again)}") from None
+    done = result.images + result.errors - result.resumed_at
+    errors = (f"{result.errors} could not be read or decoded (listed in {out / ERRORS})"
+              if result.errors else "none failed")
+    if result.resumed_at and not done:
+        click.echo(f"{out} is already complete: {result.images} images in {result.parts} "
+                   f"{fmt} parts under {out / PARTS}; {errors}")
+    else:
+        resumed = f" after the {result.resumed_at} done before" if result.resumed_at else ""
+        click.echo(f"predicted {result.images} images into {out / PARTS} ({result.parts} {fmt} "
+                   f"parts); {errors}; this run: {done} files{resumed} in "
+                   f"{result.seconds:.1f} s, {result.per_second:.1f} files/s")
+    if isic_csv is not None:
+        click.echo(f"ISIC 2018 submission CSV: {isic_csv}")
 
 
 @click.command()

@@ -18,3 +18,11 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run_id: str):
         super().__init__(run_id)
         self.run_id = run_id
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in work that can be continued: carries the one line that says how."""
+
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint

@@ -124,6 +124,13 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
             from None
 
 
+def model_identity(model: mlflow.pyfunc.PyFuncModel) -> str:
+    """What names this exact model whatever URI reached it (an alias may move): its logged
+    model id, else its MLmodel uuid."""
+    metadata = model.metadata
+    return str(getattr(metadata, "model_id", None) or metadata.model_uuid)
+
+
 def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.DataFrame:
     """Load a logged or registered model and predict image files; rows indexed by image name."""
     for path in paths:  # a bad file is named here, not as "row N" of a batch

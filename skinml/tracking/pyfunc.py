@@ -151,15 +151,15 @@ class ParallelDecoder:
 
     def decode(self, value: Any, row: int) -> np.ndarray:
         if not isinstance(value, str | bytes) or not value:
-            raise _bad_input(f"row {row}: image must be a non-empty base64 string")
+            raise _bad_row(row, "image must be a non-empty base64 string")
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise _bad_input(f"row {row}: image is not valid base64") from None
+            raise _bad_row(row, "image is not valid base64") from None
         try:
             return decode_to_frame(io.BytesIO(raw), *self.frame, max_pixels=MAX_PIXELS)
         except SkinmlError as exc:
-            raise _bad_input(f"row {row}: {exc}") from None
+            raise _bad_row(row, str(exc)) from None
 
     def _submit(self, values: list[Any], offset: int) -> list[Future]:
         if len(values) == 1 or self.workers == 1:
@@ -273,6 +273,9 @@ class BadInput(MlflowException):
     the log. The message here is set once and stays as written.
     """
 
+    row: int | None = None  # the first bad row of the call, when one row is to blame
+    reason: str = ""  # the message without its "row N: "
+
     @property
     def message(self) -> str:
         return self._reason
@@ -283,7 +286,15 @@ class BadInput(MlflowException):
             self._reason = value
 
 
-def _bad_input(message: str) -> MlflowException:
-    return BadInput(message, error_code=INVALID_PARAMETER_VALUE)
+def _bad_input(message: str) -> BadInput:
+    error = BadInput(message, error_code=INVALID_PARAMETER_VALUE)
+    error.reason = message
+    return error
+
+
+def _bad_row(row: int, reason: str) -> BadInput:
+    error = _bad_input(f"row {row}: {reason}")
+    error.row, error.reason = row, reason
+    return error
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-import torch
 
-from skinml.core.config import ModelConfig
-from skinml.models import build_model
-from skinml.tracking.logged_model import load_model, log_model, model_meta
+from skinml.tracking.logged_model import load_model
 
-from ..conftest import SAMPLE_IMAGES, isolated_tracking
+from ..conftest import isolated_tracking, log_tiny_model
 
 TEMPERATURE = 2.5
 
@@ -19,10 +16,6 @@ TEMPERATURE = 2.5
 @pytest.fixture(scope="session")
 def logged_model(tmp_path_factory: pytest.TempPathFactory) -> mlflow.pyfunc.PyFuncModel:
     root = tmp_path_factory.mktemp("logged-model")
+    logged = log_tiny_model(root, TEMPERATURE)
     with isolated_tracking(root):
-        torch.manual_seed(0)
-        config = ModelConfig(arch="resnext_small", image_size=32, crop_pct=0.875)
-        with mlflow.start_run():
-            info = log_model(build_model(config).state_dict(),
-                             model_meta(config, (40, 53), TEMPERATURE), str(SAMPLE_IMAGES[0]))
-        return load_model(info.model_uri)
+        return load_model(logged.model_uri)
