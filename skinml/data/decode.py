@@ -17,7 +17,7 @@ from skinml.data.errors import CorruptImageError
 T = TypeVar("T")
 
 # Reading an image can fail in many ways (bad header, truncated data, bad marker).
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError,
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError,
                   Image.DecompressionBombError)
 
 
@@ -43,7 +43,7 @@ def open_rgb(path: str | os.PathLike | BinaryIO, draft_to: tuple[int, int] | Non
                 image.draft("RGB", draft_to)
             image.load()
             return image.convert("RGB")
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise CorruptImageError(f"{_name(path)}: cannot decode image ({_reason(exc)})") from None
 
 
@@ -56,7 +56,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise CorruptImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
 
 @dataclass
 class _Job:
-    rows: np.ndarray
+    rows: Any  # (n, ...) numpy array or tensor
     key: Hashable  # calls with different keys (e.g. TTA on/off) are never mixed
     result: Future = field(default_factory=Future)
 
@@ -49,16 +50,19 @@ class Coalescer:
     """
 
     def __init__(self, run: Callable[[np.ndarray, Hashable], np.ndarray], max_batch: int = 64,
-                 max_wait: float = 0.005) -> None:
+                 max_wait: float = 0.005,
+                 concat: Callable[[list[Any]], Any] = np.concatenate) -> None:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+        self.concat = concat  # joins the calls' rows (numpy arrays, or tensors on a GPU)
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._start = threading.Lock()
         self._worker: threading.Thread | None = None
 
     @classmethod
-    def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray]) -> Coalescer:
+    def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray],
+                         concat: Callable[[list[Any]], Any] = np.concatenate) -> Coalescer:
         max_batch, max_wait = batch_settings()
-        return cls(run, max_batch=max_batch, max_wait=max_wait)
+        return cls(run, max_batch=max_batch, max_wait=max_wait, concat=concat)
 
     def __call__(self, rows: np.ndarray, key: Hashable = None) -> np.ndarray:
         job = _Job(rows, key)
@@ -108,7 +112,7 @@ class Coalescer:
 
     def _run(self, jobs: list[_Job], key: Hashable) -> None:
         try:
-            output = self.run(np.concatenate([job.rows for job in jobs]), key)
+            output = self.run(self.concat([job.rows for job in jobs]), key)
         except BaseException as exc:  # each caller sees the failure of its own pass
             for job in jobs:
                 job.result.set_exception(exc)

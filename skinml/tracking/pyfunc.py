@@ -29,6 +29,7 @@ from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import CLASSES, DIAGNOSES, PROBABILITY_COLUMNS
 from skinml.data.decode import decode_to_frame
+from skinml.data.jpeg_batch import CorruptRowError, decode_batch
 from skinml.data.preprocess import Preprocess
 from skinml.models import build_model
 from skinml.tracking.coalescer import Coalescer
@@ -47,6 +48,10 @@ MAX_REQUEST_MB_ENV, MAX_REQUEST_MB = "SKINML_SERVE_MAX_REQUEST_MB", 64
 # `mlflow models predict` and `spark_udf` (env_manager="local") run without it.
 SCORING_SERVER_ENV = "__pyfunc_model_path__"
 DECODE_WORKERS_ENV = "SKINML_DECODE_WORKERS"
+# On CUDA, SKINML_GPU_DECODE=1 decodes JPEGs batched on the GPU (nvjpeg): far faster, its
+# pixels within a few uint8 levels of training's (tests/data/test_jpeg_batch.py), so it is
+# opted into, not the default.
+GPU_DECODE_ENV = "SKINML_GPU_DECODE"
 
 
 class SkinLesionModel(mlflow.pyfunc.PythonModel):
@@ -78,9 +83,9 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.temperature = self.temperatures[0] if len(members) == 1 else math.nan
         self.transform = self.preprocess.eval_transform().to(self.device)
         self.limits = RequestLimits.for_this_process()
-        self.decoder = ParallelDecoder(self.preprocess.frame)
+        self.decoder = ParallelDecoder(self.preprocess.frame, device=self.device)
         # Concurrent requests (the scoring server's threads) share forward passes.
-        self.coalesce = Coalescer.from_environment(self._forward)
+        self.coalesce = Coalescer.from_environment(self._forward, concat=_concat)
 
     def to(self, device: str | torch.device) -> SkinLesionModel:
         """Run on `device` from now on (loading picks CUDA when there is one)."""
@@ -88,6 +93,7 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         for network in self.networks:
             network.to(self.device)
         self.transform = self.transform.to(self.device)
+        self.decoder.use(self.device)
         return self
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -99,9 +105,11 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         probs = [self.coalesce(pixels, key) for pixels in self.decoder.chunks(images, CHUNK)]
         return probability_table(np.concatenate(probs))
 
-    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
-        """Network input from uint8 (B, H, W, 3) images already fitted to the frame."""
-        return self.transform(torch.from_numpy(pixels).to(self.device))
+    def inputs(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Network input from uint8 (B, H, W, 3) images already fitted to the frame (a
+        tensor when they were decoded on the GPU)."""
+        pixels = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        return self.transform(pixels.to(self.device))
 
     def probabilities(self, inputs: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         """softmax(logits / T): the served probabilities (T = 1 when not `calibrated`);
@@ -123,45 +131,68 @@ class ParallelDecoder:
     """Rows of one call decoded on a thread pool (Pillow releases the GIL while decoding),
     with the function the training cache uses (`decode_to_frame`), so served pixels are the
     training pixels. A bad row raises BadInput naming its row; a lone row decodes in the
-    caller's thread (no hand-off for a one-image request)."""
+    caller's thread (no hand-off for a one-image request). With SKINML_GPU_DECODE=1 on CUDA,
+    a chunk's JPEGs decode batched on the GPU instead (`data.jpeg_batch`)."""
 
-    def __init__(self, frame: tuple[int, int], workers: int | None = None) -> None:
+    def __init__(self, frame: tuple[int, int], workers: int | None = None,
+                 device: torch.device | None = None) -> None:
         self.frame = frame
         self.workers = workers or decode_workers()
+        self.gpu: torch.device | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        if device is not None:
+            self.use(device)
 
-    def chunks(self, values: list[Any], size: int) -> Iterator[np.ndarray]:
+    def use(self, device: torch.device) -> None:
+        """Decode on `device` when it is a GPU and SKINML_GPU_DECODE=1, else on the CPU."""
+        wanted = os.environ.get(GPU_DECODE_ENV, "0").strip() == "1"
+        self.gpu = device if (wanted and torch.device(device).type == "cuda") else None
+
+    def chunks(self, values: list[Any], size: int) -> Iterator[np.ndarray | torch.Tensor]:
         """(rows, H, W, 3) uint8 chunks of `values` in order; the next chunk decodes while
         the caller uses the current one."""
-        starts = range(0, len(values), size)
-        ahead = None
+        ahead: _Pending | None = None
         try:
-            for start in starts:
+            for start in range(0, len(values), size):
                 submitted = self._submit(values[start:start + size], start)
                 if ahead is not None:
-                    yield self._collect(ahead)
+                    yield ahead.result()
                 ahead = submitted
             if ahead is not None:
-                yield self._collect(ahead)
-                ahead = None
+                pixels, ahead = ahead.result(), None
+                yield pixels
         finally:
-            for future in ahead or ():
-                future.cancel()
+            if ahead is not None:
+                ahead.cancel()
 
     def decode(self, value: Any, row: int) -> np.ndarray:
-        if not isinstance(value, str | bytes) or not value:
-            raise _bad_row(row, "image must be a non-empty base64 string")
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _bad_row(row, "image is not valid base64") from None
+        """One base64 row as training pixels; BadInput naming `row` if it is no image."""
+        raw = self._raw(value, row)
         try:
             return decode_to_frame(io.BytesIO(raw), *self.frame, max_pixels=MAX_PIXELS)
         except SkinmlError as exc:
             raise _bad_row(row, str(exc)) from None
 
-    def _submit(self, values: list[Any], offset: int) -> list[Future]:
+    @staticmethod
+    def _raw(value: Any, row: int) -> bytes:
+        if not isinstance(value, str | bytes) or not value:
+            raise _bad_row(row, "image must be a non-empty base64 string")
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad_row(row, "image is not valid base64") from None
+
+    def _on_gpu(self, values: list[Any], offset: int) -> torch.Tensor:
+        raws = [self._raw(value, offset + i) for i, value in enumerate(values)]
+        try:
+            return decode_batch(raws, *self.frame, self.gpu, max_pixels=MAX_PIXELS).pixels
+        except CorruptRowError as exc:
+            raise _bad_row(offset + exc.row, str(exc)) from None
+
+    def _submit(self, values: list[Any], offset: int) -> _Pending:
+        if self.gpu is not None:
+            return _Pending([self._executor().submit(self._on_gpu, values, offset)], whole=True)
         if len(values) == 1 or self.workers == 1:
             done: list[Future] = []
             for i, value in enumerate(values):
@@ -171,18 +202,10 @@ class ParallelDecoder:
                 except BadInput as exc:
                     future.set_exception(exc)
                 done.append(future)
-            return done
+            return _Pending(done)
         pool = self._executor()
-        return [pool.submit(self.decode, value, offset + i) for i, value in enumerate(values)]
-
-    @staticmethod
-    def _collect(futures: list[Future]) -> np.ndarray:
-        try:
-            return np.stack([future.result() for future in futures])
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        return _Pending([pool.submit(self.decode, value, offset + i)
+                         for i, value in enumerate(values)])
 
     def _executor(self) -> ThreadPoolExecutor:
         # Made on first use, in the process that predicts (never inherited across a fork);
@@ -191,6 +214,35 @@ class ParallelDecoder:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="skinml-decode")
             return self._pool
+
+
+@dataclass
+class _Pending:
+    """A chunk being decoded: one future per row, or one for the whole chunk (`whole`)."""
+
+    futures: list[Future]
+    whole: bool = False
+
+    def result(self) -> np.ndarray | torch.Tensor:
+        try:
+            if self.whole:
+                return self.futures[0].result()
+            return np.stack([future.result() for future in self.futures])
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        for future in self.futures:
+            future.cancel()
+
+
+def _concat(chunks: list[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """Coalesced requests' pixels: numpy from the CPU decode, tensors from the GPU's."""
+    tensors = [chunk for chunk in chunks if isinstance(chunk, torch.Tensor)]
+    if not tensors:
+        return np.concatenate(chunks)
+    return torch.cat([torch.as_tensor(chunk, device=tensors[0].device) for chunk in chunks])
 
 
 def decode_workers() -> int:

@@ -9,6 +9,7 @@ import base64
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
 
 from skinml.core.labels import PROBABILITY_COLUMNS
@@ -18,7 +19,7 @@ from skinml.evaluation.calibration import apply_temperature
 from skinml.tracking import pyfunc
 from skinml.tracking.logged_model import encode_image, example_jpeg
 
-from ..conftest import SAMPLE_IMAGES, b64, image_frame
+from ..conftest import SAMPLE_IMAGES, b64, cuda_test, image_frame
 from .conftest import TEMPERATURE
 
 IMAGES = SAMPLE_IMAGES[:5]
@@ -128,3 +129,45 @@ def test_a_bad_row_is_an_invalid_parameter_error_naming_the_row(logged_model, va
         logged_model.predict(rows)
     assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
     assert reason in raised.value.message
+
+
+def test_the_batched_jpeg_path_feeds_the_network_as_the_cpu_decode_does(logged_model,
+                                                                         monkeypatch):
+    """The GPU decode path (data.jpeg_batch), driven on the CPU here: tensors go through the
+    coalescer and the transform; answers within its pixel tolerance; bad rows named."""
+    served = logged_model.unwrap_python_model()
+    cpu = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
+    monkeypatch.setattr(served.decoder, "gpu", torch.device("cpu"))
+    batched = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(batched, cpu, atol=1e-3)
+    rows = image_frame(IMAGES[:3])
+    rows.loc[2, "image"] = base64.b64encode(b"not an image").decode()
+    with pytest.raises(MlflowException, match="^row 2: image: cannot decode image"):
+        logged_model.predict(rows)
+
+
+def test_gpu_decode_is_opted_into_and_only_on_cuda(monkeypatch):
+    decoder = pyfunc.ParallelDecoder((40, 53))
+    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "1")
+    decoder.use(torch.device("cpu"))
+    assert decoder.gpu is None
+    decoder.use(torch.device("cuda", 0))
+    assert decoder.gpu == torch.device("cuda", 0)
+    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "0")
+    decoder.use(torch.device("cuda", 0))
+    assert decoder.gpu is None
+
+
+@cuda_test
+def test_on_cuda_gpu_decode_answers_as_the_cpu_decode(logged_model, monkeypatch):
+    served = logged_model.unwrap_python_model()
+    cpu = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
+    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "1")
+    try:
+        served.to("cuda")
+        assert served.decoder.gpu is not None
+        gpu = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
+    finally:
+        monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "0")
+        served.to("cpu")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-2)  # nvjpeg's upsampling differs slightly
