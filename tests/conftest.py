@@ -236,6 +236,7 @@ def log_tiny_model(root: Path, temperature: float = 1.0) -> LoggedModel:
     from skinml.models import build_model
     from skinml.tracking.logged_model import log_model, model_meta
 
+    root.mkdir(parents=True, exist_ok=True)
     with isolated_tracking(root) as uri:
         torch.manual_seed(0)
         config = ModelConfig(arch="resnext_small", image_size=32, crop_pct=0.875)

@@ -154,15 +154,70 @@ def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
 
 
 
-def _client_counts(text: str) -> list[int]:
+def _client_counts(text: str, option: str = "--concurrency") -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a list of numbers",
-                                 param_hint="--concurrency") from None
+                                 param_hint=option) from None
     if any(n < 0 for n in counts):
-        raise click.BadParameter("client counts must be >= 0", param_hint="--concurrency")
+        raise click.BadParameter("counts must be >= 0", param_hint=option)
     return [n for n in counts if n > 0]
+
+
+@bench.command("predict")
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--images", default=2000, show_default=True, type=click.IntRange(min=64),
+              help="Synthetic 600x450 JPEGs scored by `skinml predict --out`.")
+@click.option("--rows", default="1000,20000", show_default=True, metavar="N[,N...]",
+              help="Row counts whose peak memory is measured (a fresh process each).")
+@click.option("--mlflow-predict/--no-mlflow-predict", default=True, show_default=True,
+              help="Also measure `mlflow models predict` memory at each row count.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the synthetic images here [default: a temp folder].")
+def bench_predict(model_uri: str, images: int, rows: str, mlflow_predict: bool,
+                  work_dir: Path | None) -> None:
+    """Scoring at scale: decode threads (1 vs all cores), peak memory against the row count
+    (in-process and `mlflow models predict`), and `skinml predict --out` against the
+    in-process ceiling (target >= 90 %)."""
+    import tempfile
+
+    import numpy as np
+
+    from skinml.bench import scoring
+    from skinml.bench.throughput import machine
+    from skinml.tracking.store import require_tracking_store
+
+    counts = _client_counts(rows, "--rows")
+    require_tracking_store(model_uri)
+    with contextlib.ExitStack() as stack:
+        work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        click.echo(f"making {images} synthetic 600x450 JPEGs in {work}", err=True)
+        folder = work / f"synthetic-{images}"
+        files = scoring.synthetic_images(folder, images)
+        click.echo("measuring decode threads, memory, then skinml predict", err=True)
+        decode = scoring.decode_rates(model_uri, files)
+        memory = [scoring.memory_use(model_uri, folder, n) for n in counts]
+        served = ([scoring.mlflow_predict_memory(model_uri, files, n, work) for n in counts]
+                  if mlflow_predict else [])
+        rate = scoring.predict_rate(model_uri, folder, images)
+    click.echo(f"machine: {machine()}; model {model_uri}; 600x450 synthetic JPEGs")
+    click.echo(f"decode     {decode.one_thread:8.1f} images/s with 1 thread, "
+               f"{decode.all_threads:8.1f} with {decode.threads} "
+               f"({decode.all_threads / decode.one_thread:.2f}x; one 512-row predict call)")
+    for use in memory:
+        click.echo(f"memory     in-process {use.rows:6d} rows: input {use.input_mb:7.1f} MB, "
+                   f"resident before {use.before_mb:7.1f} MB, peak while predicting "
+                   f"{use.peak_mb:7.1f} MB (+{use.growth_mb:.1f} MB), {use.seconds:.1f} s")
+    for use in served:
+        click.echo(f"memory     mlflow models predict {use.rows:6d} rows: input "
+                   f"{use.input_mb:7.1f} MB of base64, peak resident {use.peak_mb:7.1f} MB "
+                   f"(JSON parsing included), {use.seconds:.1f} s")
+    shares = 100 * np.array(rate.shares)
+    click.echo(f"predict    skinml predict --out {np.median(rate.predict):8.1f} files/s vs "
+               f"in-process 64-row calls {np.median(rate.ceiling):8.1f} images/s: "
+               f"{np.median(shares):.0f}% ({shares.min():.0f}-{shares.max():.0f}% over "
+               f"{len(shares)} pairs, {rate.images} images; target >= 90%)")
 
 
 @bench.command("gpu")

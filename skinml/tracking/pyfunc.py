@@ -13,7 +13,7 @@ import io
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -149,13 +149,18 @@ class ParallelDecoder:
         wanted = os.environ.get(GPU_DECODE_ENV, "0").strip() == "1"
         self.gpu = device if (wanted and torch.device(device).type == "cuda") else None
 
-    def chunks(self, values: list[Any], size: int) -> Iterator[np.ndarray | torch.Tensor]:
+    def chunks(self, values: Sequence[Any] | pd.Series, size: int
+               ) -> Iterator[np.ndarray | torch.Tensor]:
         """(rows, H, W, 3) uint8 chunks of `values` in order; the next chunk decodes while
-        the caller uses the current one."""
+        the caller uses the current one. A Series is read a chunk at a time: pandas keeps
+        strings in Arrow, and turning a whole column into Python strings at once would copy
+        the input."""
         ahead: _Pending | None = None
         try:
             for start in range(0, len(values), size):
-                submitted = self._submit(values[start:start + size], start)
+                rows = (values.iloc[start:start + size].tolist()
+                        if isinstance(values, pd.Series) else list(values[start:start + size]))
+                submitted = self._submit(rows, start)
                 if ahead is not None:
                     yield ahead.result()
                 ahead = submitted
@@ -277,13 +282,14 @@ class RequestLimits:
         mb = float(os.environ.get(MAX_REQUEST_MB_ENV, MAX_REQUEST_MB))
         return cls(max_rows=rows if rows > 0 else None, max_mb=mb if mb > 0 else None)
 
-    def check(self, images: list[Any]) -> None:
+    def check(self, images: pd.Series) -> None:
         if self.max_rows is not None and len(images) > self.max_rows:
             raise _bad_input(f"request has {len(images)} images; at most {self.max_rows} per "
                              f"request ({MAX_ROWS_ENV})")
         if self.max_mb is None:
             return
-        size = sum(len(value) for value in images if isinstance(value, str | bytes))
+        size = images.map(lambda value: len(value) if isinstance(value, str | bytes) else 0,
+                          na_action="ignore").sum()
         if size > self.max_mb * 1e6:
             raise _bad_input(f"request holds {size / 1e6:.1f} MB of images; at most "
                              f"{self.max_mb:g} MB per request ({MAX_REQUEST_MB_ENV})")
@@ -308,13 +314,13 @@ def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     return rotations + [r.flip(3) for r in rotations]
 
 
-def _image_column(model_input: Any) -> list[Any]:
+def _image_column(model_input: Any) -> pd.Series:
     # list(): a membership test on the Index builds a hash table on every request.
     if not isinstance(model_input, pd.DataFrame) or "image" not in list(model_input.columns):
         raise _bad_input("input must have a column named 'image' holding base64 JPEG/PNG bytes")
     if len(model_input) == 0:
         raise _bad_input("input has no rows: send at least one image")
-    return model_input["image"].tolist()
+    return model_input["image"]
 
 
 class BadInput(MlflowException):

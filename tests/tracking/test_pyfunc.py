@@ -5,6 +5,7 @@ training cache's pixels, and one-line errors naming the row."""
 from __future__ import annotations
 
 import base64
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -89,6 +90,22 @@ def test_rows_run_in_chunks_in_order_and_a_bad_row_is_named_by_its_place(logged_
     rows.loc[149, "image"] = "@@@"
     with pytest.raises(MlflowException, match="^row 149: image is not valid base64$"):
         logged_model.predict(rows)
+
+
+def test_a_column_of_arrow_strings_is_read_a_chunk_at_a_time(logged_model):
+    """pandas keeps strings in Arrow: turning the whole column into Python strings would
+    copy the input (a 20,000-row call held 1.7 GB more). Python allocations while 5,000
+    rows of 1.7 KB predict stay far below the 8 MB the column would take as Python strings."""
+    tiny = encode_image(example_jpeg(str(IMAGES[0]), 53))
+    rows = pd.DataFrame({"image": pd.Series([tiny] * 5000, dtype=pd.StringDtype("pyarrow"))})
+    logged_model.predict(rows.iloc[:64])  # warm
+    tracemalloc.start()
+    try:
+        logged_model.predict(rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 5000 * len(tiny) > 8e6 and peak < 3e6, peak
 
 
 def test_parallel_decode_gives_the_training_caches_pixels(logged_model):

@@ -1,0 +1,31 @@
+"""`skinml bench predict`: decode threads, memory per row count (in-process and `mlflow
+models predict`) and `skinml predict --out` against the in-process ceiling, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..conftest import log_tiny_model, skinml_in_process
+
+
+@pytest.mark.slow
+def test_bench_predict_prints_its_table_after_the_work(tmp_path, monkeypatch):
+    model = log_tiny_model(tmp_path / "store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", model.tracking_uri)
+    result = skinml_in_process("bench", "predict", model.model_uri, "--images", "64",
+                               "--rows", "50,150", "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    machine, decode, *memory, predict = result.stdout.splitlines()
+    assert machine.startswith("machine: ") and "600x450 synthetic JPEGs" in machine
+    assert decode.startswith("decode ") and " with 1 thread, " in decode
+    assert [line.split()[:4] for line in memory] == [
+        ["memory", "in-process", "50", "rows:"], ["memory", "in-process", "150", "rows:"],
+        ["memory", "mlflow", "models", "predict"], ["memory", "mlflow", "models", "predict"]]
+    assert "peak while predicting" in memory[0] and " 150 rows: input " in memory[3]
+    assert predict.startswith("predict    skinml predict --out ") and "target >= 90%" in predict
+    assert len(list((tmp_path / "work" / "synthetic-64").glob("*.jpg"))) == 64  # kept
+
+
+def test_bench_predict_row_counts_are_checked_first():
+    result = skinml_in_process("bench", "predict", "--rows", "1000,lots")
+    assert result.returncode == 2 and "'1000,lots' is not a list of numbers" in result.stderr
