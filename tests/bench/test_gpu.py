@@ -53,6 +53,7 @@ def test_bench_gpu_on_the_cpu_runs_every_step(tmp_path):
     assert rows["resume from checkpoint"]["values"]["epoch"] == 3
     serving = rows["serving: in-process and REST"]["values"]
     assert serving["rest_p50_ms"] > 0 and serving["in_process_images_per_second"] > 0
+    assert serving["in_process_gpu_decode_images_per_second"] is None  # measured on CUDA only
     assert not list(tmp_path.glob("mlflow.db"))  # nothing written outside --work-dir
 
 
@@ -75,3 +76,5 @@ def test_bench_gpu_quick_runs_every_step_on_cuda(tmp_path):
     for row in report["rows"]:
         assert row["status"] == "ok" or row["status"].startswith("skipped: 1 GPU"), row
         assert row["peak_gpu_mib"] is not None or row["status"].startswith("skipped")
+    serving = {row["step"]: row for row in report["rows"]}["serving: in-process and REST"]
+    assert serving["values"]["in_process_gpu_decode_images_per_second"] > 0
