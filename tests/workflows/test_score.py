@@ -4,6 +4,7 @@ unreadable files listed with their reason; a resume that would mix inputs is ref
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -147,6 +148,14 @@ def test_a_resume_that_would_mix_inputs_or_options_is_refused(model, tmp_path):
         score_files(options(model, [str(folder)], out, part_size=20, resume=True))
     with pytest.raises(SkinmlError, match="was written with --tta False, not True"):
         score_files(options(model, [str(folder)], out, part_size=10, tta=True, resume=True))
+    manifest = (out / "manifest.json").read_text()
+    moved = json.loads(manifest)
+    model_id, moved["identity"]["model"] = moved["identity"]["model"], "m-another"
+    (out / "manifest.json").write_text(json.dumps(moved))  # as if an alias had moved
+    with pytest.raises(SkinmlError, match="written with the model .the URI now names another. "
+                                          f"m-another, not {model_id}"):
+        score_files(options(model, [str(folder)], out, part_size=10, resume=True))
+    (out / "manifest.json").write_text(manifest)
     (folder / "batch_0" / "ISIC_0000000a.jpg").write_bytes(
         (folder / "batch_0" / "ISIC_0000000.jpg").read_bytes())  # sorts among the done ones
     with pytest.raises(SkinmlError, match="the input files are not those of the run"):
