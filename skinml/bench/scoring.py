@@ -25,7 +25,7 @@ from skinml.data.image_files import ImageSources
 from skinml.data.synth import write_synthetic
 from skinml.tracking.logged_model import load_model
 from skinml.tracking.pyfunc import CHUNK, DECODE_WORKERS_ENV
-from skinml.workflows.score import ScoreOptions, score_files
+from skinml.workflows.score import FILE_CHUNK, ScoreOptions, score_files
 
 
 def synthetic_images(folder: Path, count: int) -> list[Path]:
@@ -119,7 +119,9 @@ def mlflow_predict_memory(model_uri: str, images: list[Path], rows: int, work: P
 class PredictRate:
     images: int
     predict: list[float]  # `skinml predict --out` files/s, one per pair
-    ceiling: list[float]  # in-process images/s of 64-row calls on the same images in memory
+    # in-process images/s on the same images already in memory, in calls of the size
+    # `skinml predict` makes (FILE_CHUNK rows): what is left is reading, encoding, writing
+    ceiling: list[float]
 
     @property
     def shares(self) -> list[float]:
@@ -134,8 +136,8 @@ def predict_rate(model_uri: str, folder: Path, images: int, pairs: int = 2) -> P
     model.predict(frame.iloc[:CHUNK])  # warm
 
     def ceiling() -> None:
-        for start in range(0, len(frame), CHUNK):
-            model.predict(frame.iloc[start:start + CHUNK])
+        for start in range(0, len(frame), FILE_CHUNK):
+            model.predict(frame.iloc[start:start + FILE_CHUNK])
 
     sources = ImageSources.resolve([str(folder)])
     rates, ceilings = [], []
