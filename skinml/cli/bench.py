@@ -222,6 +222,44 @@ def bench_predict(model_uri: str, images: int, rows: str, mlflow_predict: bool,
                f"{len(shares)} pairs, {rate.images} images; target >= 90%)")
 
 
+@bench.command("spark")
+@click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
+@click.option("--images", default=2000, show_default=True, type=click.IntRange(min=64),
+              help="Synthetic 600x450 JPEGs scored through Spark, then in-process.")
+@click.option("--master", default="local[2]", show_default=True, help="Spark master URL.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the synthetic images here [default: a temp folder].")
+def bench_spark(model_uri: str, images: int, master: str, work_dir: Path | None) -> None:
+    """Images/s through mlflow.pyfunc.spark_udf on a Spark session against in-process
+    predict of the same files (needs pip install -e '.[spark]' and Java)."""
+    import tempfile
+
+    from skinml.bench import scoring
+    from skinml.bench.throughput import machine
+    from skinml.core.errors import SkinmlError
+    from skinml.tracking.store import require_tracking_store
+
+    try:
+        from skinml.bench.spark import bench_spark as run
+    except ImportError:
+        raise SkinmlError("bench spark needs PySpark: pip install -e '.[spark]'") from None
+    require_tracking_store(model_uri)
+    with contextlib.ExitStack() as stack:
+        work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        click.echo(f"making {images} synthetic 600x450 JPEGs in {work}", err=True)
+        files = scoring.synthetic_images(work / f"synthetic-{images}", images)
+        click.echo(f"scoring them through Spark ({master}), then in-process", err=True)
+        result = run(model_uri, files, master=master,
+                     conf={"spark.executorEnv.OMP_NUM_THREADS": "1",  # docs/scaling.md
+                           "spark.sql.files.openCostInBytes": "65536"})
+    click.echo(f"machine: {machine()}; model {model_uri}; {result.images} 600x450 JPEGs")
+    click.echo(f"spark       {result.spark_per_second:8.1f} images/s on {result.master} "
+               f"({result.partitions} tasks; session start {result.startup_seconds:.1f} s and "
+               f"first batch {result.first_batch_seconds:.1f} s not counted)")
+    click.echo(f"in-process  {result.in_process_per_second:8.1f} images/s "
+               f"(largest probability difference {result.max_difference:.1e})")
+
+
 @bench.command("gpu")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table as JSON here.")

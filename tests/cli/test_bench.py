@@ -23,6 +23,8 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
 
 @pytest.mark.parametrize("args, reason", [
     (["bench", "serve", "--repeats", "0"], "0 is not in the range x>=1"),
+    (["bench", "spark", "--images", "10"], "10 is not in the range x>=64"),
+    (["bench", "predict", "--images", "10"], "10 is not in the range x>=64"),
 ])
 def test_option_mistakes_of_bench_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)
