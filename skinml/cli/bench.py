@@ -249,9 +249,7 @@ def bench_spark(model_uri: str, images: int, master: str, work_dir: Path | None)
         click.echo(f"making {images} synthetic 600x450 JPEGs in {work}", err=True)
         files = scoring.synthetic_images(work / f"synthetic-{images}", images)
         click.echo(f"scoring them through Spark ({master}), then in-process", err=True)
-        result = run(model_uri, files, master=master,
-                     conf={"spark.executorEnv.OMP_NUM_THREADS": "1",  # docs/scaling.md
-                           "spark.sql.files.openCostInBytes": "65536"})
+        result = run(model_uri, files, master=master)  # the settings docs/scaling.md gives
     click.echo(f"machine: {machine()}; model {model_uri}; {result.images} 600x450 JPEGs")
     click.echo(f"spark       {result.spark_per_second:8.1f} images/s on {result.master} "
                f"({result.partitions} tasks; session start {result.startup_seconds:.1f} s and "
