@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import socket
 import subprocess
@@ -174,25 +173,6 @@ def test_twenty_thousand_rows_are_refused_over_rest_in_one_line(champion_server,
     assert (status, body["message"]) == (
         400, "request has 20000 images; at most 256 per request (SKINML_SERVE_MAX_ROWS)")
     assert invoke(champion_server, {"inputs": {"image": [images["jpeg"]]}})[0] == 200
-
-
-def test_mlflow_models_predict_takes_more_rows_than_a_server_would(demo, images, tmp_path):
-    """`mlflow models predict` runs the model in its own process: 300 rows (over the
-    server's 256) predict, equal to in-process predict."""
-    rows = pd.DataFrame({"image": [images["batch"][i % 4] for i in range(300)]})
-    request = tmp_path / "rows.json"
-    request.write_text(json.dumps({"dataframe_split": rows.to_dict(orient="split")}))
-    answer = tmp_path / "predictions.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", f"models:/{NAME}@champion",
-         "-i", str(request), "-o", str(answer), "-t", "json", "--env-manager", "local"],
-        capture_output=True, text=True, timeout=300, cwd=demo.root,
-        env={**os.environ, "MLFLOW_TRACKING_URI": demo.uri})
-    assert done.returncode == 0, done.stderr[-2000:]
-    predicted = pd.DataFrame(json.loads(answer.read_text())["predictions"])
-    local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(rows)
-    assert len(predicted) == 300
-    np.testing.assert_allclose(predicted[PROBS].to_numpy(), local[PROBS].to_numpy(), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -223,3 +223,24 @@ def test_ctrl_c_names_the_command_that_continues(model, tmp_path):
     assert stderr.strip().splitlines()[-1] == (
         f"interrupted: continue with: skinml predict {model.model_uri} {folder} --out {out} "
         "--part-size 100 --resume")
+
+
+def test_mlflow_models_predict_takes_more_rows_than_a_server_would(model, tmp_path):
+    """`mlflow models predict` runs the model in its own process, where no request limit
+    applies: 300 rows (over a server's 256) predict, equal to in-process predict."""
+    small = [score.base64.b64encode(example_jpeg(str(path), 53)).decode()
+             for path in SAMPLE_IMAGES[:10]]
+    rows = pd.DataFrame({"image": [small[i % 10] for i in range(300)]})
+    request = tmp_path / "rows.json"
+    request.write_text(json.dumps({"dataframe_split": rows.to_dict(orient="split")}))
+    answer = tmp_path / "predictions.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", model.model_uri, "-i",
+         str(request), "-o", str(answer), "-t", "json", "--env-manager", "local"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": model.tracking_uri})
+    assert done.returncode == 0, done.stderr[-2000:]
+    predicted = pd.DataFrame(json.loads(answer.read_text())["predictions"])
+    local = load_model(model.model_uri).predict(rows)
+    assert len(predicted) == 300
+    np.testing.assert_allclose(predicted[PROBS].to_numpy(), local[PROBS].to_numpy(), atol=1e-6)
