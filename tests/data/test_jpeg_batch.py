@@ -108,14 +108,21 @@ def test_rows_not_for_the_device_are_exactly_the_cpu_pixels(not_for_the_device):
     assert np.array_equal(batch.pixels.numpy(), _references(not_for_the_device, 40, 53))
 
 
-def test_a_mixed_batch_keeps_row_order(jpegs, not_for_the_device):
+def _check_mixed_batch(jpegs, not_for_the_device, device: str, max_diff, mean) -> list:
+    """JPEG and fallback rows interleaved: order kept, JPEG rows within the tolerance,
+    fallback rows exact. Returns the interleaved rows."""
     raws = [row for pair in zip(jpegs, not_for_the_device, strict=False) for row in pair]
-    batch = decode_batch(raws, 40, 53, "cpu")
+    batch = decode_batch(raws, 40, 53, device)
     references = _references(raws, 40, 53)
     assert batch.cpu_rows == (1, 3, 5, 7, 9)
-    _check_within(batch.pixels, references, CPU_MAX, CPU_MEAN)
+    _check_within(batch.pixels, references, max_diff, mean)
     cpu_rows = list(batch.cpu_rows)
-    assert np.array_equal(batch.pixels.numpy()[cpu_rows], references[cpu_rows])
+    assert np.array_equal(batch.pixels.cpu().numpy()[cpu_rows], references[cpu_rows])
+    return raws
+
+
+def test_a_mixed_batch_keeps_row_order(jpegs, not_for_the_device):
+    _check_mixed_batch(jpegs, not_for_the_device, "cpu", CPU_MAX, CPU_MEAN)
 
 
 def test_rows_over_the_pixel_limit_raise_as_decode_to_frame_does(jpegs):
@@ -165,13 +172,7 @@ def test_on_cuda_jpeg_rows_match_decode_to_frame_within_the_tolerance(jpegs, hei
 
 @cuda_test
 def test_on_cuda_fallback_rows_are_exact_and_bad_rows_are_named(jpegs, not_for_the_device):
-    raws = [row for pair in zip(jpegs, not_for_the_device, strict=False) for row in pair]
-    batch = decode_batch(raws, 40, 53, "cuda")
-    references = _references(raws, 40, 53)
-    assert batch.cpu_rows == (1, 3, 5, 7, 9)
-    _check_within(batch.pixels, references, None, CUDA_MEAN)
-    cpu_rows = list(batch.cpu_rows)
-    assert np.array_equal(batch.pixels.cpu().numpy()[cpu_rows], references[cpu_rows])
+    raws = _check_mixed_batch(jpegs, not_for_the_device, "cuda", None, CUDA_MEAN)
     for kind, bad in _bad_rows().items():
         with pytest.raises(CorruptRowError) as raised:
             decode_batch([raws[0], bad, raws[2]], 40, 53, "cuda")
