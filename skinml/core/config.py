@@ -55,6 +55,12 @@ class ModelConfig:
     image_size: int = _opt(224, low=16, high=1024)
     crop_pct: float = _opt(0.875, low=0.5, high=1.0, help="eval: resize to size/crop_pct, crop")
     drop_rate: float = _opt(0.0, low=0.0, high=0.9, help="dropout before the classifier")
+    metadata: str = _opt("none", choices=("none", "concat", "film"),
+                         help="age, sex and body site beside the image: none, concat "
+                              "(joined to the image features) or film (scaling them)")
+    metadata_dropout: float = _opt(0.25, low=0.0, high=0.9,
+                                   help="training: chance each of age, sex and site is "
+                                        "hidden, so the model also works without them")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torchvision.models.resnet import Bottleneck
 from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import NUM_CLASSES
+from skinml.models.fusion import FusionNet
 
 
 class ModelError(SkinmlError):
@@ -94,11 +95,15 @@ ARCHITECTURES: dict[str, Callable[[bool], nn.Module]] = {
 
 
 def build_model(config: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
-    """The architecture named by `config.arch` with a fresh `num_classes` head."""
+    """The architecture named by `config.arch` with a fresh `num_classes` head; with
+    `config.metadata` its features fused with age, sex and body site first."""
     if config.arch not in ARCHITECTURES:
         raise ModelError(f"unknown model.arch {config.arch!r} "
                          f"(valid: {', '.join(sorted(ARCHITECTURES))})")
     model = ARCHITECTURES[config.arch](config.pretrained)
+    if config.metadata != "none":
+        return FusionNet(model, config.metadata, num_classes, drop_rate=config.drop_rate,
+                         dropout=config.metadata_dropout)
     head = nn.Linear(model.fc.in_features, num_classes)
     model.fc = nn.Sequential(nn.Dropout(config.drop_rate), head) if config.drop_rate else head
     return model

@@ -119,3 +119,13 @@ def test_train_cli_exits_2_when_the_cache_would_be_upsampled():
     assert last.startswith("error: ") and "data.cache_size (128)" in last
     assert "model.image_size / model.crop_pct (224 / 0.875 = 256 px)" in last
     assert "Traceback" not in result.stderr
+
+
+def test_metadata_fusion_is_off_by_default_and_its_choices_are_checked():
+    assert load_config(EXPERIMENTS / "demo.yaml").model.metadata == "none"
+    assert load_config(None, ["model.metadata=film"]).model.metadata == "film"
+    with pytest.raises(ConfigError, match=r"model.metadata must be one of none, concat, film, "
+                                          r"got 'late'"):
+        load_config(None, ["model.metadata=late"])
+    with pytest.raises(ConfigError, match=r"model.metadata_dropout must be between 0.0 and 0.9"):
+        load_config(None, ["model.metadata_dropout=1.5"])
