@@ -34,6 +34,7 @@ from skinml.bench.throughput import bench_loader, bench_train
 from skinml.core.config import Config
 from skinml.core.errors import first_line
 from skinml.core.files import write_atomically
+from skinml.data.loader import Batch
 from skinml.data.synth import write_synthetic
 from skinml.serving.server import running_server
 from skinml.tracking import reader
@@ -240,7 +241,7 @@ def _fp16(plan: Plan) -> Row:
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8,
                            generator=generator).to(plan.device)
     labels = torch.randint(0, 7, (batch,), generator=generator).to(plan.device)
-    losses = [train_one_epoch(model, [(images, labels)], tools).loss for _ in range(20)]
+    losses = [train_one_epoch(model, [Batch(images, labels, None)], tools).loss for _ in range(20)]
     if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"non-finite fp16 loss: {losses}")
     scale = tools.precision.scaler.get_scale()
@@ -289,8 +290,9 @@ def _resume(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
     data = _prepared(plan, data_dir, work, shared)
     if data.config != config.data:
         data = prepare_data(config)
-    train = batches_for(data, "train", config.optim.batch_size, plan.device)
-    val = batches_for(data, "val", config.runtime.eval_batch_size, plan.device)
+    clinical = config.model.metadata != "none"
+    train = batches_for(data, "train", config.optim.batch_size, plan.device, clinical)
+    val = batches_for(data, "val", config.runtime.eval_batch_size, plan.device, clinical)
     epochs = []
     started = time.perf_counter()
     recipe = build_recipe(config, train.labels, plan.device)

@@ -90,7 +90,7 @@ def bench_loader(config: Config, batches: int, workers: int, data: PreparedData 
     def ours() -> Iterator:
         while True:
             generator = torch.Generator().manual_seed(0)
-            for x, y in train.epoch(epoch_order(train.labels, config.balance, generator)):
+            for x, y, _ in train.epoch(epoch_order(train.labels, config.balance, generator)):
                 yield augment(x, y)
 
     chosen = data.frame[data.split == "train"]
@@ -127,7 +127,8 @@ def bench_train(config: Config, steps: int, data: PreparedData | None = None,
     """
     data = data or prepare_data(config)
     device = resolve_device(config.runtime.device)
-    train = batches_for(data, "train", config.optim.batch_size, device)
+    train = batches_for(data, "train", config.optim.batch_size, device,
+                        clinical=config.model.metadata != "none")
     if len(train.labels) < config.optim.batch_size:  # steps drop the last partial batch
         raise DataError(f"{data.source}: the training split has {len(train.labels)} images, "
                         f"fewer than one batch (optim.batch_size={config.optim.batch_size})")
@@ -161,9 +162,9 @@ def _cache_batches(train, config: Config) -> Iterator:
 def _device_batches(train, config: Config) -> Iterator:
     # One real batch, kept on the device: no loading at all. The augment still runs in
     # the step (it is part of the model's work on the device), so only the feed differs.
-    x, y = next(iter(train.epoch(np.arange(config.optim.batch_size))))
+    batch = next(iter(train.epoch(np.arange(config.optim.batch_size))))
     while True:
-        yield x, y
+        yield batch
 
 
 def _take(iterator: Iterator, count: int) -> Iterator:

@@ -13,23 +13,36 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 (B, H, W, 3)
+    labels: torch.Tensor  # int64 (B,)
+    clinical: torch.Tensor | None  # float32 (B, core.clinical.WIDTH) for a fusion model
+
+
 class CachedBatches:
-    """Iterate (uint8 images (B, H, W, 3), int64 labels) on `device` for a given order."""
+    """Iterate Batch(images, labels, clinical) on `device` for a given order.
+
+    `clinical` (one vector per row, `data.clinical`) rides along only for a model that
+    fuses metadata; without it a batch's `clinical` is None.
+    """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray,
-                 batch_size: int, device: torch.device, prefetch: int = 4) -> None:
-        if len(rows) != len(labels):
-            raise ValueError("rows and labels differ in length")
+                 batch_size: int, device: torch.device, prefetch: int = 4,
+                 clinical: np.ndarray | None = None) -> None:
+        if len(rows) != len(labels) or (clinical is not None and len(clinical) != len(rows)):
+            raise ValueError("rows, labels and clinical vectors differ in length")
         self.images = images
         self.rows = np.asarray(rows, dtype=np.int64)
         if len(self.rows) and not 0 <= self.rows.min() <= self.rows.max() < len(images):
             raise ValueError("rows point outside the cached images")
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.clinical = None if clinical is None else np.asarray(clinical, dtype=np.float32)
         self.batch_size = batch_size
         self.device = device
         self.prefetch = prefetch
@@ -41,7 +54,7 @@ class CachedBatches:
         return len(self.rows)
 
     def epoch(self, order: np.ndarray | None = None, drop_last: bool = False
-              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+              ) -> Iterator[Batch]:
         """Batches visiting positions `order` (default: all, in order)."""
         order = np.arange(len(self.rows)) if order is None else np.asarray(order)
         stop = len(order) - len(order) % self.batch_size if drop_last else len(order)
@@ -62,13 +75,11 @@ class CachedBatches:
                 for future in pending:  # the consumer stopped early: drop what is queued
                     future.cancel()
 
-    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = batch
-        return (images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True))
+    def _to_device(self, batch: Batch) -> Batch:
+        return Batch(*(None if part is None else part.to(self.device, non_blocking=True)
+                       for part in batch))
 
-    def _gather(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, positions: np.ndarray) -> Batch:
         positions = positions[np.argsort(self.rows[positions], kind="stable")]
         images = torch.empty((len(positions), *self.images.shape[1:]), dtype=torch.uint8,
                              pin_memory=self.pin)
@@ -76,4 +87,8 @@ class CachedBatches:
         # rows were checked to be in range when the batches were made.
         np.take(self.images, self.rows[positions], axis=0, out=images.numpy(), mode="clip")
         labels = torch.from_numpy(self.labels[positions])
-        return images, labels.pin_memory() if self.pin else labels
+        clinical = None if self.clinical is None else torch.from_numpy(self.clinical[positions])
+        if self.pin:
+            labels = labels.pin_memory()
+            clinical = None if clinical is None else clinical.pin_memory()
+        return Batch(images, labels, clinical)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from skinml.data.loader import CachedBatches
+from skinml.data.loader import Batch, CachedBatches
 from skinml.data.preprocess import EvalTransform
 from skinml.evaluation.metrics import compute_metrics
+from skinml.models import run_network
 from skinml.training.balance import epoch_order
 from skinml.training.checkpoint import Checkpoint, TrainingState
 from skinml.training.device import seed_everything
@@ -34,7 +35,7 @@ from skinml.training.recipe import LoopSettings, StepTools, epoch_generator
 
 log = logging.getLogger(__name__)
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[Batch]
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,12 @@ def train_one_epoch(model: nn.Module, batches: Batches, tools: StepTools,
     # disable=None: tqdm draws only on a terminal, so logs in files get no bar redraws.
     bar = tqdm(batches, total=total, desc="train", unit="batch", leave=False,
                disable=None if progress else True)
-    for images, labels in bar:
+    for images, labels, clinical in bar:
+        # Under mixup/cutmix each image keeps its own metadata (the mix is of pixels).
         inputs, targets = tools.augment(images, labels)
         inputs = inputs.contiguous(memory_format=tools.memory_format)
         with tools.precision.autocast():
-            loss = tools.loss_fn(model(inputs), targets)
+            loss = tools.loss_fn(run_network(model, inputs, clinical), targets)
         tools.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tools.grad_clip:
@@ -125,10 +127,10 @@ def predict(model: nn.Module, batches: Batches, transform: EvalTransform,
     """Softmax probabilities, labels and mean cross-entropy over `batches`."""
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
-    for images, targets in batches:
+    for images, targets, clinical in batches:
         inputs = transform(images).contiguous(memory_format=memory_format)
         with autocast():
-            logits = model(inputs).float()
+            logits = run_network(model, inputs, clinical).float()
         loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
         probs.append(logits.softmax(1).cpu().numpy())
         labels.append(targets.cpu().numpy())

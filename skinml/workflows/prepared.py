@@ -13,6 +13,7 @@ import torch
 from skinml.core.config import Config, DataConfig
 from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
 from skinml.data.cache import ImageCache, prepare_cache
+from skinml.data.clinical import encode_clinical
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
 from skinml.training.distributed import SINGLE, Cluster, barrier
@@ -69,16 +70,21 @@ def _prepare(config: Config) -> PreparedData:
     return PreparedData(data, frame[kept], split[kept], cache, source)
 
 
-def batches_for(data: PreparedData, name: str, batch_size: int, device: torch.device
-                ) -> CachedBatches:
+def batches_for(data: PreparedData, name: str, batch_size: int, device: torch.device,
+                clinical: bool = False) -> CachedBatches:
+    """The `name` split's batches; with `clinical`, each row's age, sex and body site ride
+    along (a fusion model's second input; the cache stays images only)."""
     chosen = data.rows(name)
+    vectors = encode_clinical(chosen, names=[f"{data.source}: image {i}"
+                                             for i in chosen["image_id"]]) if clinical else None
     return CachedBatches(data.cache.images, data.cache.rows(chosen["image_id"]),
-                         chosen["label"].to_numpy(), batch_size, device)
+                         chosen["label"].to_numpy(), batch_size, device, clinical=vectors)
 
 
 def split_batches(data: PreparedData, config: Config, device: torch.device) -> SplitBatches:
     """Training batches of `optim.batch_size`; validation and test of `eval_batch_size`."""
     batch, eval_batch = config.optim.batch_size, config.runtime.eval_batch_size
-    return SplitBatches(batches_for(data, "train", batch, device),
-                        batches_for(data, "val", eval_batch, device),
-                        batches_for(data, "test", eval_batch, device))
+    clinical = config.model.metadata != "none"
+    return SplitBatches(batches_for(data, "train", batch, device, clinical),
+                        batches_for(data, "val", eval_batch, device, clinical),
+                        batches_for(data, "test", eval_batch, device, clinical))

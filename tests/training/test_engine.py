@@ -4,10 +4,13 @@ and its step tools come from the training recipe, as in a run."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from skinml.core.clinical import SITES
 from skinml.core.config import Config, load_config
+from skinml.data.clinical import encode_clinical
 from skinml.data.loader import CachedBatches
 from skinml.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint
 from skinml.training.device import precision_for, seed_everything
@@ -32,25 +35,36 @@ def config(*extra: str) -> Config:
     return load_config(None, [*TINY, *extra])
 
 
-def colour_coded(per_class: int, seed: int) -> CachedBatches:
-    """7 classes, each a colour plus noise: learnable in a few steps by any convnet."""
+def colour_coded(per_class: int, seed: int, clinical: bool = False,
+                 shared_colours: bool = False) -> CachedBatches:
+    """7 classes, each a colour plus noise: learnable in a few steps by any convnet. With
+    `clinical`, each class also has its own body site and age (some rows unrecorded); with
+    `shared_colours`, classes 0-1, 2-3 and 4-5 share a colour, so only the metadata tells
+    the two of a pair apart."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(7), per_class)
-    colours = rng.integers(0, 256, (7, 3))
+    colours = np.random.default_rng(0).integers(0, 256, (7, 3))  # every seed: the same
+    shown = labels // 2 * 2 if shared_colours else labels
     noise = rng.normal(0, 20, (len(labels), 16, 16, 3))
-    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    return CachedBatches(images, np.arange(len(labels)), labels, 14, CPU)
+    images = np.clip(colours[shown][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    vectors = encode_clinical(pd.DataFrame({
+        "age": np.where(np.arange(len(labels)) % 5 == 0, np.nan, 15.0 + 10 * labels),
+        "sex": np.where(labels % 2, "male", "female"),
+        "localization": [SITES[label] for label in labels]})) if clinical else None
+    return CachedBatches(images, np.arange(len(labels)), labels, 14, CPU, clinical=vectors)
 
 
 def run(tmp_path, cfg: Config | None = None, resume: bool = False, **kwargs):
     cfg = cfg or config()
+    fusion = cfg.model.metadata != "none"
+    shared = kwargs.pop("shared_colours", False)
     seed_everything(0)
-    train = colour_coded(8, 0)
+    train = colour_coded(8, 0, fusion, shared)
     recipe = build_recipe(cfg, train.labels, CPU)
     checkpoint = Checkpoint(tmp_path / "last.pt", {"marker": "the resolved config"})
     state = checkpoint.restore(recipe.model, recipe.tools) if resume else None
     epochs: list[EpochResult] = []
-    result = fit(recipe.model, recipe.tools, train, colour_coded(3, 1),
+    result = fit(recipe.model, recipe.tools, train, colour_coded(3, 1, fusion, shared),
                  LoopSettings.from_config(cfg), checkpoint, state=state,
                  on_epoch_end=kwargs.pop("on_epoch_end", epochs.append), **kwargs)
     return result, epochs
@@ -82,16 +96,20 @@ class Killed(Exception):
     pass
 
 
-def test_a_run_killed_after_an_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    whole, _ = run(tmp_path / "whole")
+@pytest.mark.parametrize("metadata", ["none", "concat", "film"])
+def test_a_run_killed_after_an_epoch_resumes_to_the_uninterrupted_result(tmp_path, metadata):
+    """Image-only and fusion models alike (a fusion model's metadata dropout draws from the
+    seeded generator too)."""
+    cfg = config(f"model.metadata={metadata}")
+    whole, _ = run(tmp_path / "whole", cfg)
 
     def die_in_epoch_2(result: EpochResult) -> None:
         if result.epoch == 2:  # before epoch 2's checkpoint: epoch 1's is the last on disk
             raise Killed
 
     with pytest.raises(Killed):
-        run(tmp_path / "killed", on_epoch_end=die_in_epoch_2)
-    resumed, epochs = run(tmp_path / "killed", resume=True)
+        run(tmp_path / "killed", cfg, on_epoch_end=die_in_epoch_2)
+    resumed, epochs = run(tmp_path / "killed", cfg, resume=True)
     assert [e.epoch for e in epochs] == [2, 3]
     assert (resumed.best_epoch, resumed.best_score) == (whole.best_epoch, whole.best_score)
     for key, value in whole.best_weights.items():
@@ -125,3 +143,26 @@ def test_fp16_steps_go_through_an_enabled_grad_scaler_on_the_cpu():
     losses = [train_one_epoch(model, [batch], tools).loss for _ in range(3)]
     assert all(np.isfinite(losses)) and tools.precision.scaler.get_scale() > 0
     assert not torch.equal(model.fc.weight, before)
+
+
+def test_a_fusion_model_tells_apart_classes_that_only_the_metadata_separates(tmp_path):
+    """Classes 0-1, 2-3 and 4-5 share a colour, and each class has its own body site and
+    age: image-only stays near 4/7, both fusions learn the pairs apart."""
+    settings = ["optim.epochs=8", "optim.lr=1e-2"]
+    best = {metadata: run(tmp_path / metadata, config(f"model.metadata={metadata}", *settings),
+                          shared_colours=True)[0].best_score
+            for metadata in ("none", "concat", "film")}
+    assert best["none"] <= 0.7, best
+    assert best["concat"] >= 0.9 and best["film"] >= 0.9, best
+
+
+def test_a_fusion_step_runs_in_bf16_and_fusion_weights_average_in_ema(tmp_path):
+    recipe = build_recipe(config("model.metadata=film", "runtime.amp=bf16"), FOUR_STEPS, CPU)
+    before = recipe.model.film.weight.detach().clone()
+    batch = next(iter(colour_coded(2, 0, clinical=True).epoch()))
+    assert np.isfinite(train_one_epoch(recipe.model, [batch], recipe.tools).loss)
+    assert not torch.equal(recipe.model.film.weight, before)  # the metadata path trained
+    result, _ = run(tmp_path, config("model.metadata=film", "optim.epochs=1",
+                                     "optim.ema_decay=0.9"))
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert torch.equal(result.best_weights["film.weight"], payload["ema"]["module.film.weight"])
