@@ -14,19 +14,23 @@ from torch import nn
 
 from skinml.data.decode import fit_to_frame
 from skinml.data.preprocess import Preprocess
+from skinml.models import run_network
 
 
 def target_layer(network: nn.Module) -> nn.Module:
-    """The last convolutional stage: torchvision ResNeXt `layer4`, SmallResNeXt `layers`."""
+    """The last convolutional stage: torchvision ResNeXt `layer4`, SmallResNeXt `layers`
+    (of a fusion model's image backbone)."""
+    network = getattr(network, "backbone", network)
     for name in ("layer4", "layers"):
         if hasattr(network, name):
             return getattr(network, name)
     raise ValueError(f"no Grad-CAM layer known for {type(network).__name__}")
 
 
-def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None = None
-             ) -> tuple[np.ndarray, int]:
-    """Class activation map (h, w) in [0, 1] for one normalised input (1, 3, S, S)."""
+def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None = None,
+             clinical: torch.Tensor | None = None) -> tuple[np.ndarray, int]:
+    """Class activation map (h, w) in [0, 1] for one normalised input (1, 3, S, S) (with
+    its clinical vector (1, WIDTH) for a fusion model)."""
     layer = target_layer(network)
     captured: dict[str, torch.Tensor] = {}
     forward = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("act", o))
@@ -35,7 +39,7 @@ def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None =
     try:
         network.eval()
         inputs = inputs.clone().requires_grad_(True)
-        logits = network(inputs)
+        logits = run_network(network, inputs, clinical)
         index = int(logits.argmax(1)) if class_index is None else class_index
         network.zero_grad()
         logits[0, index].backward()
@@ -113,8 +117,10 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45) -> Image.I
     return Image.fromarray(np.round(blended * 255).astype(np.uint8))
 
 
-def explain(model, image: Image.Image) -> tuple[Image.Image, int, float]:
-    """(overlay, predicted class index, its probability) for a loaded SkinLesionModel.
+def explain(model, image: Image.Image, clinical: np.ndarray | None = None
+            ) -> tuple[Image.Image, int, float]:
+    """(overlay, predicted class index, its probability) for a loaded SkinLesionModel;
+    `clinical` is the image's (1, WIDTH) vector for a fusion model (None: not recorded).
 
     The overlay's `info[FEATURE_MAP]` is the (h, w) of the feature map the CAM came from:
     a 3x3 map can only say which part of the image, not which detail.
@@ -122,10 +128,11 @@ def explain(model, image: Image.Image) -> tuple[Image.Image, int, float]:
     rgb = image.convert("RGB")
     height, width = model.preprocess.frame  # as served: same frame, same crop
     inputs = model.inputs(np.array(fit_to_frame(rgb, height, width))[None])
+    vector = None if clinical is None else torch.from_numpy(clinical).to(inputs.device)
     with torch.enable_grad():
-        cam, index = grad_cam(model.network, inputs)
+        cam, index = grad_cam(model.network, inputs, clinical=vector)
     with torch.no_grad():
-        probability = float(model.probabilities(inputs)[0, index])
+        probability = float(model.probabilities(inputs, clinical=vector)[0, index])
     picture = overlay(rgb, cam_on_image(cam, rgb, model.preprocess))
     picture.info[FEATURE_MAP] = cam.shape
     return picture, index, probability

@@ -23,11 +23,14 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 from PIL import Image
 
+from skinml.core.clinical import CLINICAL_COLUMNS
 from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError, first_line
 from skinml.core.labels import CLASSES, ISIC_COLUMNS, PROBABILITY_COLUMNS, probability_column
+from skinml.data.clinical import encode_clinical
 from skinml.data.decode import open_rgb
 from skinml.data.preprocess import Preprocess
 from skinml.tracking.pyfunc import MAX_PIXELS
@@ -51,6 +54,14 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([ParamSpec("tta", "boolean", False),
                         ParamSpec("calibrated", "boolean", True)]),
 )
+# A fusion model's optional inputs. Typed Any: the model checks each value itself, so a
+# bad one is refused with a line naming its row and column (MLflow's own type check names
+# neither), and a column may mix numbers with nulls.
+FUSION_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image"),
+                   *[ColSpec(AnyType(), column, required=False)
+                     for column in CLINICAL_COLUMNS]]),
+    outputs=SIGNATURE.outputs, params=SIGNATURE.params)
 
 
 def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 1.0
@@ -62,7 +73,14 @@ def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 
     """
     preprocess = Preprocess(model.image_size, model.crop_pct, tuple(frame))
     return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
-            **preprocess.to_meta(), "temperature": float(temperature)}
+            **preprocess.to_meta(), "temperature": float(temperature),
+            "metadata": model.metadata}
+
+
+def reads_clinical(model: mlflow.pyfunc.PyFuncModel) -> bool:
+    """Whether a loaded model takes age, sex and localization (a fusion model)."""
+    schema = model.metadata.get_input_schema()
+    return schema is not None and "localization" in schema.input_names()
 
 
 def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -94,9 +112,16 @@ def example_jpeg(path: str, max_side: int = 96) -> bytes:
 
 
 def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_image: str,
-              members: list[dict[str, Any]] | None = None) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc model named `model` to the active run (`example_image`: a file);
-    `members` make it an ensemble (see `save_weights`)."""
+              members: list[dict[str, Any]] | None = None,
+              example_clinical: dict[str, Any] | None = None) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model named `model` to the active run (`example_image`: a file, with
+    its age, sex and localization in `example_clinical` for a fusion model); `members`
+    make it an ensemble (see `save_weights`)."""
+    fusion = meta.get("metadata", "none") != "none"
+    example = {"image": [encode_image(example_jpeg(example_image))]}
+    if fusion:
+        example |= {column: [value] for column, value in (example_clinical or {}).items()
+                    if column in CLINICAL_COLUMNS and not pd.isna(value)}
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = Path(tmp) / "weights.pt"
         save_weights(weights_path, weights, meta, members)
@@ -108,8 +133,8 @@ def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_im
             python_model=str(ENTRY),
             artifacts={"weights": str(weights_path)},
             code_paths=[str(code)],
-            signature=SIGNATURE,
-            input_example=pd.DataFrame({"image": [encode_image(example_jpeg(example_image))]}),
+            signature=FUSION_SIGNATURE if fusion else SIGNATURE,
+            input_example=pd.DataFrame(example),
             pip_requirements=pinned_requirements(),
         )
 
@@ -143,14 +168,26 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
 
 
 def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False,
-                  calibrated: bool = True) -> np.ndarray:
+                  calibrated: bool = True, clinical: pd.DataFrame | None = None
+                  ) -> np.ndarray:
     """Class probabilities (rows in `paths` order) of image files, exactly as served.
 
-    Files are read and encoded a chunk at a time (`file_chunks`).
+    `clinical` (age, sex, localization; one row per path) goes with the images to a model
+    that reads them; an image-only model gets the images alone. Files are read and encoded
+    a chunk at a time (`file_chunks`).
     """
-    chunks = []
+    send = clinical is not None and reads_clinical(model)
+    if send:  # a bad value is named by its image here, not as "row N" of a chunk
+        encode_clinical(clinical, names=[f"image {Path(p).stem}" for p in paths])
+    chunks, start = [], 0
     for chunk in file_chunks(paths):
-        table = model.predict(_encoded(chunk), params={"tta": tta, "calibrated": calibrated})
+        frame = _encoded(chunk)
+        if send:
+            rows = clinical.iloc[start:start + len(chunk)]
+            frame = frame.assign(**{column: rows[column].to_numpy(dtype=object)
+                                    for column in CLINICAL_COLUMNS if column in rows})
+        start += len(chunk)
+        table = model.predict(frame, params={"tta": tta, "calibrated": calibrated})
         chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
     return np.concatenate(chunks)
 

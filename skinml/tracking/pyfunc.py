@@ -1,4 +1,5 @@
-"""The served model: base64 JPEG/PNG in, diagnosis and class probabilities out.
+"""The served model: base64 JPEG/PNG in (with age, sex and body site for a model that
+fuses them), diagnosis and class probabilities out.
 
 MLflow builds it from code at load time (`pyfunc_entry.py`), so no pickled object is ever
 loaded; the weights and their metadata (architecture, classes, preprocessing) travel in
@@ -28,10 +29,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import CLASSES, DIAGNOSES, PROBABILITY_COLUMNS
+from skinml.data.clinical import ClinicalValueError, encode_clinical
 from skinml.data.decode import decode_to_frame
 from skinml.data.jpeg_batch import CorruptRowError, decode_batch
 from skinml.data.preprocess import Preprocess
-from skinml.models import build_model
+from skinml.models import build_model, run_network
 from skinml.tracking.coalescer import Coalescer
 
 MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
@@ -55,7 +57,11 @@ GPU_DECODE_ENV = "SKINML_GPU_DECODE"
 
 
 class SkinLesionModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame column `image` (base64 JPEG/PNG) -> label, diagnosis, confidence, p_*."""
+    """pyfunc: DataFrame column `image` (base64 JPEG/PNG) -> label, diagnosis, confidence, p_*.
+
+    A fusion model also reads the optional columns `age`, `sex` and `localization`; a
+    missing column or value is "not recorded" (`data.clinical`).
+    """
 
     def load_context(self, context) -> None:
         payload = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
@@ -64,9 +70,11 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"model classes {meta['classes']} differ from {CLASSES}")
         self.preprocess = Preprocess.from_meta(meta)
         self.arch = meta["arch"]
+        self.metadata = meta.get("metadata", "none")  # models from before fusion: none
         config = ModelConfig(arch=meta["arch"], pretrained=False,
                              image_size=self.preprocess.image_size,
-                             crop_pct=self.preprocess.crop_pct, drop_rate=meta["drop_rate"])
+                             crop_pct=self.preprocess.crop_pct, drop_rate=meta["drop_rate"],
+                             metadata=self.metadata)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # A single model, or a fold ensemble: the mean of each member's own calibrated
         # probabilities (each fold was calibrated on its own validation fold).
@@ -100,10 +108,23 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
                 ) -> pd.DataFrame:
         images = _image_column(model_input)
         self.limits.check(images)
+        clinical = self.clinical(model_input)
         params = params or {}
         key = (bool(params.get("tta", False)), bool(params.get("calibrated", True)))
-        probs = [self.coalesce(pixels, key) for pixels in self.decoder.chunks(images, CHUNK)]
+        probs = [self.coalesce(_Rows(pixels, _rows(clinical, start, len(pixels))), key)
+                 for start, pixels in zip(range(0, len(images), CHUNK),
+                                          self.decoder.chunks(images, CHUNK), strict=True)]
         return probability_table(np.concatenate(probs))
+
+    def clinical(self, model_input: pd.DataFrame) -> np.ndarray | None:
+        """The rows' clinical vectors for a fusion model (None for an image-only model); a
+        bad value is a BadInput naming its row and column."""
+        if self.metadata == "none":
+            return None
+        try:
+            return encode_clinical(model_input)
+        except ClinicalValueError as exc:
+            raise _bad_row(exc.row, exc.reason) from None
 
     def inputs(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Network input from uint8 (B, H, W, 3) images already fitted to the frame (a
@@ -111,20 +132,26 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         pixels = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
         return self.transform(pixels.to(self.device))
 
-    def probabilities(self, inputs: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+    def probabilities(self, inputs: torch.Tensor, calibrated: bool = True,
+                      clinical: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(logits / T): the served probabilities (T = 1 when not `calibrated`);
-        for an ensemble the mean over its members, each with its own T."""
+        for an ensemble the mean over its members, each with its own T. A fusion model
+        without `clinical` sees every value missing."""
         return torch.stack([
-            (network(inputs).float() / (temperature if calibrated else 1.0)).softmax(1)
+            (run_network(network, inputs, clinical).float()
+             / (temperature if calibrated else 1.0)).softmax(1)
             for network, temperature in zip(self.networks, self.temperatures, strict=True)
         ]).mean(0)
 
     @torch.no_grad()
-    def _forward(self, pixels: np.ndarray, key: tuple[bool, bool]) -> np.ndarray:
+    def _forward(self, rows: _Rows, key: tuple[bool, bool]) -> np.ndarray:
         tta, calibrated = key
-        inputs = self.inputs(pixels)
-        views = _dihedral(inputs) if tta else [inputs]
-        probs = torch.stack([self.probabilities(view, calibrated) for view in views]).mean(0)
+        inputs = self.inputs(rows.pixels)
+        clinical = None if rows.clinical is None else torch.from_numpy(rows.clinical).to(
+            self.device)
+        views = _dihedral(inputs) if tta else [inputs]  # the metadata is the same in each view
+        probs = torch.stack([self.probabilities(view, calibrated, clinical)
+                             for view in views]).mean(0)
         return probs.cpu().numpy().astype(np.float64)
 
 class ParallelDecoder:
@@ -242,12 +269,30 @@ class _Pending:
             future.cancel()
 
 
-def _concat(chunks: list[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
-    """Coalesced requests' pixels: numpy from the CPU decode, tensors from the GPU's."""
+@dataclass(frozen=True)
+class _Rows:
+    """One call's chunk on its way through the coalescer: pixels and, for a fusion model,
+    their clinical vectors."""
+
+    pixels: np.ndarray | torch.Tensor
+    clinical: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+def _rows(clinical: np.ndarray | None, start: int, count: int) -> np.ndarray | None:
+    return None if clinical is None else clinical[start:start + count]
+
+
+def _concat(parts: list[_Rows]) -> _Rows:
+    """Coalesced requests' rows: pixels as numpy from the CPU decode, tensors from the GPU's."""
+    chunks = [part.pixels for part in parts]
     tensors = [chunk for chunk in chunks if isinstance(chunk, torch.Tensor)]
-    if not tensors:
-        return np.concatenate(chunks)
-    return torch.cat([torch.as_tensor(chunk, device=tensors[0].device) for chunk in chunks])
+    pixels = np.concatenate(chunks) if not tensors else torch.cat(
+        [torch.as_tensor(chunk, device=tensors[0].device) for chunk in chunks])
+    clinical = [part.clinical for part in parts]
+    return _Rows(pixels, None if clinical[0] is None else np.concatenate(clinical))
 
 
 def decode_workers() -> int:

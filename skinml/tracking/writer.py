@@ -120,11 +120,12 @@ class RunLog:
         mlflow.log_metrics(_finite(values), model_id=self.model_id)
 
     def log_model(self, weights: dict[str, torch.Tensor], meta: dict[str, Any],
-                  example_image: str, members: list[dict[str, Any]] | None = None) -> str:
-        """The pyfunc model named `model`; `example_image` is a file for its input example;
-        `members` make it an ensemble."""
+                  example_image: str, members: list[dict[str, Any]] | None = None,
+                  example_clinical: dict[str, Any] | None = None) -> str:
+        """The pyfunc model named `model`; `example_image` is a file for its input example
+        (`example_clinical` its age, sex and localization); `members` make it an ensemble."""
         self._drop_interrupted_model()
-        info = logged_model.log_model(weights, meta, example_image, members)
+        info = logged_model.log_model(weights, meta, example_image, members, example_clinical)
         self.model_id = info.model_id
         return info.model_uri
 

@@ -92,8 +92,9 @@ def compare_models(uri_a: str, uri_b: str, image_set: ImageSet, rounds: int = RO
     images = image_set.images
     paths = images["path"].tolist()
     log.info("comparing %s and %s on %s", uri_a, uri_b, image_set.summary())
-    probs_a = predict_paths(load_model(uri_a), paths)
-    probs_b = predict_paths(load_model(uri_b), paths)
+    # The same images, each with its age, sex and body site for a model that reads them.
+    probs_a = predict_paths(load_model(uri_a), paths, clinical=images)
+    probs_b = predict_paths(load_model(uri_b), paths, clinical=images)
     result = paired_balanced_accuracy(images["label"].to_numpy(), probs_a, probs_b,
                                       images["lesion_id"].to_numpy(), n_boot=rounds, seed=seed)
     return ModelComparison(uri_a, uri_b, image_set, result, seed)

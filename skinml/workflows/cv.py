@@ -30,7 +30,7 @@ from skinml.tracking.logged_model import load_model, model_meta, predict_paths
 from skinml.tracking.writer import RunLog, cv_run, mark_killed
 from skinml.training.choices import build_run_config
 from skinml.workflows.prepared import PreparedData, prepare_data
-from skinml.workflows.train import RunHooks, train
+from skinml.workflows.train import RunHooks, clinical_example, train
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,11 @@ def _fold_result(fold: int, run_id: str, data: PreparedData, config: Config) -> 
     rows = np.flatnonzero(data.split.to_numpy() == "val")
     test_rows = np.flatnonzero(data.split.to_numpy() == "test")
     paths = data.frame["path"].to_numpy()
-    val_uncalibrated = predict_paths(model, list(paths[rows]), calibrated=False)
-    test_uncalibrated = predict_paths(model, list(paths[test_rows]), calibrated=False)
+    frame = data.frame  # age, sex and body site go along to a fusion model
+    val_uncalibrated = predict_paths(model, list(paths[rows]), calibrated=False,
+                                     clinical=frame.iloc[rows])
+    test_uncalibrated = predict_paths(model, list(paths[test_rows]), calibrated=False,
+                                      clinical=frame.iloc[test_rows])
     return FoldResult(fold, run_id, run.data.metrics["best_val_balanced_accuracy"], rows,
                       apply_temperature(val_uncalibrated, served.temperature), val_uncalibrated,
                       test_uncalibrated, served.temperature,
@@ -155,7 +158,8 @@ def _log_parent(parent: RunLog, config: Config, data: PreparedData,
     members = [{"weights": r.weights, "temperature": r.temperature} for r in results]
     test_rows = data.rows("test")
     model_uri = parent.log_model({}, model_meta(config.model, data.frame_hw, np.nan),
-                                 test_rows["path"].iloc[0], members=members)  # before metrics
+                                 test_rows["path"].iloc[0], members=members,  # before metrics
+                                 example_clinical=clinical_example(test_rows.iloc[0]))
     runtime = config.runtime
     oof = score_split("oof", rows["label"].to_numpy(), oof_uncalibrated, np.nan,
                       rows["lesion_id"].to_numpy(), subgroup_attributes(rows),

@@ -63,12 +63,12 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     if options.split in ("all", "isic"):
         _warn_if_trained_on(images, options.model_uri)
     paths = images["path"].tolist()
-    uncalibrated = predict_paths(model, paths, options.tta, calibrated=False)
+    uncalibrated = predict_paths(model, paths, options.tta, calibrated=False, clinical=images)
     # Without TTA the served softmax(z / T) is exactly the temperature applied to softmax(z);
     # with TTA it is a mean of tempered views, and a fold ensemble a mean over folds with
     # their own T, so only then is a second pass needed.
     one_temperature = np.isfinite(served.temperature)
-    probs = (predict_paths(model, paths, tta=options.tta)
+    probs = (predict_paths(model, paths, tta=options.tta, clinical=images)
              if options.tta or not one_temperature else None)
     attributes = subgroup_attributes(images) if "sex" in images else None
     scored = score_split(options.split, images["label"].to_numpy(), uncalibrated,
@@ -126,7 +126,7 @@ def _gradcam_grid(served, images: pd.DataFrame, scored: ScoredSplit, per_class: 
             chosen = np.flatnonzero((scored.labels == cls) & ((predicted == cls) == correct))
             for i in chosen[:per_class]:
                 with Image.open(images["path"].iloc[i]) as image:
-                    picture, index, p = explain(served, image)
+                    picture, index, p = explain(served, image, served.clinical(images.iloc[[i]]))
                 mark = "right" if correct else "WRONG"
                 cells.append((picture, f"{mark}: true {name}, pred {CLASSES[index]} {p:.2f}"))
         rows.append(cells)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from skinml.core.clinical import SEXES, SITES
 from skinml.core.labels import CLASSES, DIAGNOSES
 from skinml.evaluation.metrics import Interval
 from skinml.evaluation.reports import metrics_markdown, table_markdown
@@ -22,6 +23,18 @@ def record_file(version: str) -> str:
     """The version's record (JSON: its gate and provenance), beside its card; versions of one
     run share a logged model, so the name carries the version."""
     return f"version_v{version}.json"
+
+
+def _inputs_section(metadata: str, dropout: str) -> list[str]:
+    """What a client sends: the image, and for a fusion model the optional metadata."""
+    if metadata == "none":
+        return ["- Input: column `image` (base64 JPEG or PNG); the image alone."]
+    return [f"- Input: column `image` (base64 JPEG or PNG), and optional columns `age` "
+            f"(years, 0-120), `sex` ({', '.join(SEXES)}) and `localization` (body site: "
+            f"{', '.join(SITES)}), fused with the image features (`{metadata}`). A missing "
+            "column or value (null, \"\", \"unknown\") is \"not recorded\"; the model was "
+            f"trained with each field hidden at random (p = {dropout}) so it answers without "
+            "them, as with every value missing."]
 
 
 def render(name: str, version: str, params: dict[str, str], metrics: dict[str, float],
@@ -43,6 +56,7 @@ def render(name: str, version: str, params: dict[str, str], metrics: dict[str, f
         f"- Trained in MLflow run `{run_id}` ({run_name}); balancing "
         f"`{params.get('balance.strategy', '?')}`, {params.get('optim.epochs', '?')} epochs, "
         f"best epoch {int(metrics.get('best_epoch', 0))}.",
+        *_inputs_section(p("model.metadata", "none"), p("model.metadata_dropout", "?")),
         "- Output: probabilities for " + ", ".join(f"{c} ({DIAGNOSES[c]})" for c in CLASSES)
         + f"; temperature-scaled on the validation split ({temperature}).",
         "## Intended use",

@@ -12,9 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 from torch import nn
 
+from skinml.core.clinical import CLINICAL_COLUMNS
 from skinml.core.config import Config, ConfigError
 from skinml.evaluation.calibration import clamp_warning, fit_temperature
 from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_metrics
@@ -203,9 +205,14 @@ def _val_interval(val: Predictions, data: PreparedData, config: Config) -> dict[
 def _log_model(run: RunLog, model: nn.Module, data: PreparedData, config: Config,
                temperature: float) -> str:
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    example = data.rows("test")["path"].iloc[0]
+    example = data.rows("test").iloc[0]
     return run.log_model(weights, model_meta(config.model, data.frame_hw, temperature),
-                         example)
+                         example["path"], example_clinical=clinical_example(example))
+
+
+def clinical_example(row: pd.Series) -> dict[str, object]:
+    """An image's age, sex and body site as a logged model's input example shows them."""
+    return {column: row[column] for column in CLINICAL_COLUMNS if column in row}
 
 
 def _logging_run(config: Config, hooks: RunHooks, resume_run_id: str | None,

@@ -24,7 +24,7 @@ from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.data import load_ham10000, split_by_lesion
 from skinml.evaluation.metrics import balanced_accuracy, fold_mean_balanced_accuracy, macro_auc
 from skinml.serving.server import DIRECT, running_server
-from skinml.tracking.logged_model import predict_paths
+from skinml.tracking.logged_model import predict_paths, reads_clinical
 from skinml.tracking.reader import logged_model_uri
 from skinml.workflows.cv import FOLD_TAG, PARENT_TAG, cross_validate
 from skinml.workflows.model_card import card_file
@@ -190,3 +190,23 @@ def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv, 
     states = sorted((r.data.tags[FOLD_TAG], r.info.status) for r in children(parent_id))
     assert states == [("0", "FINISHED"), ("1", "FINISHED"), ("1", "KILLED"), ("2", "FINISHED")]
     assert mlflow.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_a_fusion_cv_ensemble_reads_metadata_like_its_folds(tmp_path):
+    """model.metadata=concat: every fold model and the parent's fold ensemble take age, sex
+    and body site; the ensemble is the mean of its folds with the metadata too."""
+    with isolated_tracking(tmp_path), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(tmp_path / "cache"))
+        folder = build_folder(tmp_path / "ham", lesions_per_class=4)
+        result = cross_validate(load_config(DEMO, tiny(folder, "optim.epochs=1",
+                                                       "model.metadata=concat")), 2)
+        frame = load_ham10000(folder).iloc[:5]
+        paths = frame["path"].tolist()
+        folds = [mlflow.pyfunc.load_model(logged_model_uri(r.info.run_id))
+                 for r in children(result.run_id)]
+        ensemble = mlflow.pyfunc.load_model(result.model_uri)
+        assert all(reads_clinical(model) for model in [*folds, ensemble])
+        mean = np.mean([predict_paths(m, paths, clinical=frame) for m in folds], axis=0)
+        np.testing.assert_allclose(predict_paths(ensemble, paths, clinical=frame), mean,
+                                   atol=1e-6)
+        assert not np.allclose(predict_paths(ensemble, paths), mean)  # metadata matters
