@@ -3,9 +3,15 @@ study starts; a bad one is one line naming the file and entry, exit 2."""
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 
-from ...conftest import DEMO, skinml, skinml_in_process
+from skinml.tracking.logged_model import reads_clinical
+from skinml.tracking.reader import logged_model_uri
+from skinml.workflows.tuning.study import tune
+
+from ...conftest import DEMO, skinml, skinml_in_process, tiny
+from .conftest import runs_of, tuning_options
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -45,3 +51,19 @@ def test_the_real_command_stops_on_a_bad_entry_the_same_way(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {space}: entry augment.hue: augment.hue must be between 0.0 and 0.5, got 0.9")
     assert "Traceback" not in result.stderr and not (tmp_path / "o.db").exists()
+
+
+@pytest.mark.slow
+def test_metadata_fusion_is_a_choice_a_trial_trains_with(tracking, tmp_path, synthetic):
+    """`model.metadata` with a per-choice `model.metadata_dropout`: the trial's run records
+    both, and its model reads age, sex and body site."""
+    space = tmp_path / "space.yaml"
+    space.write_text("model.metadata:\n  type: categorical\n  choices:\n    film:\n"
+                     "      model.metadata_dropout: {type: float, low: 0.1, high: 0.4}\n")
+    tune(tuning_options(tmp_path, synthetic, search_space=space, n_trials=1,
+                        overrides=tuple(tiny(synthetic, "optim.epochs=1"))))
+    _, (trial,) = runs_of("study")
+    assert trial.data.params["model.metadata"] == "film"
+    assert 0.1 <= float(trial.data.params["model.metadata_dropout"]) <= 0.4
+    model = mlflow.pyfunc.load_model(logged_model_uri(trial.info.run_id))
+    assert reads_clinical(model)
