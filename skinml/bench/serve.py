@@ -1,5 +1,6 @@
 """Serving benchmarks: REST latency against in-process predict, batch throughput, and
-concurrent one-image clients, each load held against an in-process rate measured beside it."""
+concurrent one-image clients on each endpoint, with and without keep-alive, each load held
+against an in-process rate measured beside it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ import pandas as pd
 
 from skinml.core.errors import SkinmlError
 from skinml.serving.mlserver import MLSERVER_MODEL_NAME
+from skinml.serving.server import DIRECT
+
+# The endpoints a load can use: MLflow's scoring protocol (both servers) and the V2
+# inference protocol (MLServer).
+ENDPOINTS = {"invocations": "/invocations", "v2": f"/v2/models/{MLSERVER_MODEL_NAME}/infer"}
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,24 @@ class PairedLoads:
 
 
 def bench_paired(model, image: Path, url: str, clients: int, requests: int, batch: int,
-                 repeats: int, v2: bool = False) -> PairedLoads:
-    """`repeats` pairs of (in-process `batch`-image rate, `clients` concurrent clients)."""
+                 repeats: int, v2: bool = False, keep_alive: bool = True) -> PairedLoads:
+    """`repeats` pairs of (in-process `batch`-image rate, `clients` concurrent clients),
+    the two alternating."""
     loads, ceilings = [], []
     for _ in range(repeats):
         ceilings.append(in_process_rate(model, image, batch))
-        loads.append(bench_concurrency(image, url, clients, requests, v2=v2))
+        loads.append(bench_concurrency(image, url, clients, requests, v2=v2,
+                                       keep_alive=keep_alive))
     return PairedLoads(loads, ceilings)
+
+
+def serves_v2(url: str) -> bool:
+    """Whether the server at `url` serves the model on the V2 protocol (MLServer)."""
+    try:
+        with DIRECT.open(f"{url}/v2/models/{MLSERVER_MODEL_NAME}/ready", timeout=10) as reply:
+            return reply.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 def _milliseconds(call, rows: int) -> float:
@@ -133,32 +150,32 @@ class ConcurrentLoad:
         return self.requests / self.seconds
 
 
-def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bool = False
-                      ) -> ConcurrentLoad:
+def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bool = False,
+                      keep_alive: bool = True) -> ConcurrentLoad:
     """`clients` threads each posting one-image requests until `requests` are answered
-    (`v2`: MLServer's V2 inference protocol, whose requests its adaptive batching merges).
+    (`v2`: the V2 inference protocol, else MLflow's /invocations).
 
-    Each client keeps its connection open between requests, as an HTTP client library's
-    session does (a clinic viewer, a batch job); a failed request reconnects.
+    With `keep_alive` each client keeps its connection open between requests, as an HTTP
+    client library's session does (a clinic viewer, a batch job; a failed request
+    reconnects); without, each request opens its own and closes it, as curl and most
+    scripts do.
     """
-    encoded = base64.b64encode(image.read_bytes()).decode()
-    if v2:
-        path = f"/v2/models/{MLSERVER_MODEL_NAME}/infer"
-        body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                                       "parameters": {"content_type": "str"},
-                                       "data": [encoded]}]}).encode()
-    else:
-        path, body = "/invocations", json.dumps({"inputs": {"image": [encoded]}}).encode()
+    path = ENDPOINTS["v2" if v2 else "invocations"]
+    body = one_image_body(base64.b64encode(image.read_bytes()).decode(), v2)
     connections = threading.local()
 
     def one(_: int) -> tuple[float, bool]:
         started = time.perf_counter()
         try:
-            if not hasattr(connections, "client"):
-                connections.client = _KeptConnection(url)
-            ok = connections.client.post(path, body)
+            if not keep_alive:
+                ok = _post_once(url, path, body)
+            else:
+                if not hasattr(connections, "client"):
+                    connections.client = _KeptConnection(url)
+                ok = connections.client.post(path, body)
         except (OSError, http.client.HTTPException):
-            del connections.client  # reconnect on the next request
+            if hasattr(connections, "client"):
+                del connections.client  # reconnect on the next request
             ok = False
         return (time.perf_counter() - started) * 1000, ok
 
@@ -169,6 +186,29 @@ def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bo
         seconds = time.perf_counter() - started
     return ConcurrentLoad(clients, requests, seconds, np.array([ms for ms, _ in results]),
                           sum(not ok for _, ok in results))
+
+
+def one_image_body(encoded: str, v2: bool) -> bytes:
+    """A one-image request: the V2 protocol's, or MLflow's `inputs` payload."""
+    if v2:
+        return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"content_type": "str"},
+                                       "data": [encoded]}]}).encode()
+    return json.dumps({"inputs": {"image": [encoded]}}).encode()
+
+
+def _post_once(url: str, path: str, body: bytes) -> bool:
+    """One request on a connection of its own, closed after the answer."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        connection.request("POST", path, body, {"Content-Type": "application/json",
+                                                "Connection": "close"})
+        reply = connection.getresponse()
+        reply.read()
+        return 200 <= reply.status < 300
+    finally:
+        connection.close()
 
 
 class _KeptConnection:

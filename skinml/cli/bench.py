@@ -91,7 +91,11 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
 
 @bench.command("serve")
 @click.argument("model_uri", default="models:/skin-lesion-classifier@champion")
-@click.option("--url", help="A running server [default: start one on a free port].")
+@click.option("--url", help="A running server [default: start each of --servers on a free "
+                            "port].")
+@click.option("--servers", default="mlflow,mlserver", show_default=True, metavar="S[,S...]",
+              help="Servers to start and measure: mlflow (mlflow models serve, one server "
+                   "per --workers count) and mlserver (skinml serve --mlserver).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Request image [default: one of the bundled sample].")
 @click.option("--requests", "count", default=100, show_default=True, type=click.IntRange(min=5),
@@ -99,59 +103,105 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
                    "25 per client (shorter loads measure their own start-up).")
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--concurrency", default="1,4,16", show_default=True, metavar="N[,N...]",
-              help="Concurrent one-image clients to measure (0: skip).")
-@click.option("--workers", type=click.IntRange(min=1), metavar="INT",
-              help="Server processes, as skinml serve --workers [default: as skinml serve].")
-@click.option("--mlserver", is_flag=True,
-              help="Measure MLServer (skinml serve --mlserver); clients use the V2 protocol.")
+              help="Concurrent one-image clients to measure (0: skip), on each endpoint, "
+                   "with keep-alive and with a new connection per request.")
+@click.option("--workers", metavar="N[,N...]",
+              help="mlflow models serve processes, a server per count [default: as skinml "
+                   "serve].")
+@click.option("--mlserver", is_flag=True, help="Only MLServer (as --servers mlserver).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
               help="Loads per client count, each held against an in-process batch rate "
                    "measured just before it (the share's range is over these pairs).")
-def bench_serve(model_uri: str, url: str | None, image: Path | None, count: int,
-                batch: int, concurrency: str, workers: int | None, mlserver: bool,
+def bench_serve(model_uri: str, url: str | None, servers: str, image: Path | None, count: int,
+                batch: int, concurrency: str, workers: str | None, mlserver: bool,
                 repeats: int) -> None:
     """REST latency (p50/p95) vs in-process predict, batch throughput, and throughput
-    under concurrent one-image clients."""
-    import numpy as np
-
-    from skinml.bench.serve import bench_paired
+    under concurrent one-image clients, for each server and endpoint."""
+    from skinml.bench.serve import bench_paired, serves_v2
     from skinml.bench.serve import bench_serve as run
     from skinml.bench.throughput import machine
     from skinml.data.metadata import default_data_dir
-    from skinml.serving.server import default_workers, running_server
+    from skinml.serving.server import running_server
     from skinml.tracking.logged_model import load_model
 
     image = image or next(iter(sorted(default_data_dir().glob("*.jpg"))))
     clients = _client_counts(concurrency)
-    workers = workers or default_workers()
-    name = ("MLServer, V2 clients" if mlserver else
-            "a server of your own" if url else f"mlflow models serve, {workers} worker(s)")
-    server = running_server(model_uri, mlserver=mlserver, workers=workers)
-    with contextlib.nullcontext(url.rstrip("/")) if url else server as url:
-        model = load_model(model_uri)
-        result = run(model, image, url, count, batch)
-        loads = [bench_paired(model, image, url, n, max(count, 25 * n), batch, repeats,
-                              v2=mlserver) for n in clients]
+    targets = _serve_targets("mlserver" if mlserver else servers, workers, url)
+    model = load_model(model_uri)
+    results = []
+    for name, options in targets:
+        server = running_server(model_uri, **options) if options is not None else None
+        with server or contextlib.nullcontext(url.rstrip("/")) as base:
+            latency = run(model, image, base, count, batch)
+            endpoints = ["invocations", *(["v2"] if serves_v2(base) else [])]
+            loads = [(n, endpoint, keep, bench_paired(
+                model, image, base, n, max(count, 25 * n), batch, repeats,
+                v2=endpoint == "v2", keep_alive=keep))
+                for n in clients for endpoint in endpoints for keep in (True, False)]
+        results.append((name, latency, loads))
+    click.echo(f"machine: {machine()}; model {model_uri} ({results[0][1].model}); "
+               f"{count} one-image requests; loads against in-process {batch}-image batches "
+               f"in {repeats} alternating pair(s)")
+    for name, latency, loads in results:
+        click.echo(name)
+        for line in _latency_lines(latency, batch):
+            click.echo(f"  {line}")
+        for n, endpoint, keep, load in loads:
+            line = _load_line(n, keep, load, batch, repeats)
+            click.echo(f"  {ENDPOINT_NAMES[endpoint]:<13} {line}")
+
+
+ENDPOINT_NAMES = {"invocations": "/invocations", "v2": "V2"}
+
+
+def _serve_targets(servers: str, workers: str | None, url: str | None
+                   ) -> list[tuple[str, dict | None]]:
+    """(name, running_server options) of each server to measure; None: --url's server."""
+    from skinml.serving.server import default_workers
+
+    if url:
+        return [("a server of your own", None)]
+    names = [part.strip() for part in servers.split(",") if part.strip()]
+    unknown = sorted(set(names) - {"mlflow", "mlserver"})
+    if unknown or not names:
+        raise click.BadParameter(f"{servers!r}: choose from mlflow, mlserver",
+                                 param_hint="--servers")
+    counts = _client_counts(workers, "--workers") if workers else [default_workers()]
+    if not counts:
+        raise click.BadParameter("at least one count >= 1", param_hint="--workers")
+    targets: list[tuple[str, dict | None]] = []
+    if "mlflow" in names:
+        targets += [(f"mlflow models serve, {n} worker(s)", {"workers": n}) for n in counts]
+    if "mlserver" in names:
+        targets.append(("MLServer (skinml serve --mlserver)", {"mlserver": True}))
+    return targets
+
+
+def _latency_lines(result, batch: int) -> list[str]:
+    import numpy as np
+
     rest50, rest95 = (float(v) for v in np.percentile(result.rest_ms, [50, 95]))
     local50, local95 = (float(v) for v in np.percentile(result.local_ms, [50, 95]))
-    click.echo(f"machine: {machine()}; model {model_uri} ({result.model}); "
-               f"{name}; {count} one-image requests")
-    click.echo(f"REST        p50 {rest50:7.1f} ms   p95 {rest95:7.1f} ms   "
-               f"{batch}-image requests {result.rest_batch_images_per_second:8.1f} images/s")
-    click.echo(f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
-               f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s")
     goal = 1.25 * local50 + 2
-    click.echo(f"REST p50 / in-process p50: {rest50 / local50:.2f}x; goal REST p50 <= 1.25x + 2 ms "
-               f"= {goal:.1f} ms: {'met' if rest50 <= goal else 'not met'}")
-    for n, load in zip(clients, loads, strict=True):
-        p50, p95, p99 = (float(v) for v in np.percentile(load.latencies_ms, [50, 95, 99]))
-        shares = 100 * load.shares
-        click.echo(f"{n:3d} clients  {load.per_second:8.1f} requests/s "
-                   f"({np.median(shares):.0f}% of in-process {batch}-image batches at "
-                   f"{np.median(load.ceilings):.0f} images/s, "
-                   f"{shares.min():.0f}-{shares.max():.0f}% over {repeats} pair(s); goal 70%)  "
-                   f"p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} ms  errors {load.errors}")
+    return [f"REST        p50 {rest50:7.1f} ms   p95 {rest95:7.1f} ms   "
+            f"{batch}-image requests {result.rest_batch_images_per_second:8.1f} images/s",
+            f"in-process  p50 {local50:7.1f} ms   p95 {local95:7.1f} ms   "
+            f"{batch}-image batches  {result.local_batch_images_per_second:8.1f} images/s",
+            f"REST p50 / in-process p50: {rest50 / local50:.2f}x; goal REST p50 <= 1.25x + 2 "
+            f"ms = {goal:.1f} ms: {'met' if rest50 <= goal else 'not met'}"]
 
+
+def _load_line(clients: int, keep_alive: bool, load, batch: int, repeats: int) -> str:
+    import numpy as np
+
+    p50, p95, p99 = (float(v) for v in np.percentile(load.latencies_ms, [50, 95, 99]))
+    shares = 100 * load.shares
+    connection = "keep-alive" if keep_alive else "new connection each"
+    return (f"{clients:3d} clients, {connection:<19} {load.per_second:8.1f} requests/s "
+            f"({np.median(shares):.0f}% of in-process {batch}-image batches at "
+            f"{np.median(load.ceilings):.0f} images/s, {shares.min():.0f}-{shares.max():.0f}% "
+            f"over {repeats} pair(s); goal 70%)  p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} ms  "
+            f"errors {load.errors}")
 
 
 def _client_counts(text: str, option: str = "--concurrency") -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -110,10 +111,16 @@ def compare(model_a: str, model_b: str, data_dir: str | None, split: str, bootst
                    "of mlflow models serve; needs pip install 'skinml[mlserver]'.")
 def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: int | None,
           mlserver: bool) -> None:
-    """Serve a model over REST: runs `mlflow models serve` with the local environment."""
-    from skinml.serving.mlserver import mlserver_command
+    """Serve a model over REST: runs `mlflow models serve` with the local environment (or
+    MLServer with --mlserver, announced once the model is loaded)."""
+    from skinml.serving.mlserver import mlserver_command, mlserver_log_path
     from skinml.serving.ports import check_port_free
-    from skinml.serving.server import check_model_uri, default_workers, serve_command
+    from skinml.serving.server import (
+        check_model_uri,
+        default_workers,
+        serve_command,
+        serve_until_stopped,
+    )
 
     for given, name in ((timeout, "--timeout"), (workers, "--workers")):
         if mlserver and given:
@@ -123,12 +130,14 @@ def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: in
     check_port_free(host, port)
     if mlserver:
         command, env = mlserver_command(model_uri, host, port)
-        server = "MLServer"
-    else:
-        workers = workers or default_workers()
-        command, env = serve_command(model_uri, host, port, timeout, workers)
-        server = f"mlflow models serve, {workers} worker(s)"
-    click.echo(f"serving {model_uri} at http://{host}:{port} ({server})", err=True)
+        serving = f"serving {model_uri} at http://{host}:{port} (MLServer)"
+        sys.exit(serve_until_stopped(command, env, host, port, model_uri,
+                                     on_ready=lambda: click.echo(serving, err=True),
+                                     log_path=mlserver_log_path(model_uri)))
+    workers = workers or default_workers()
+    command, env = serve_command(model_uri, host, port, timeout, workers)
+    click.echo(f"serving {model_uri} at http://{host}:{port} (mlflow models serve, {workers} "
+               "worker(s))", err=True)
     os.execve(command[0], command, env)
 
 
@@ -200,7 +209,6 @@ def _print_predictions(model_uri: str, paths: list[str], as_json: bool, tta: boo
 def _score_into(model_uri: str, sources, out: Path, fmt: str, part_size: int, resume: bool,
                 tta: bool, isic_csv: Path | None) -> None:
     import shlex
-    import sys
 
     from skinml.core.errors import Interrupted
     from skinml.workflows.score import ERRORS, PARTS, ScoreOptions, score_files

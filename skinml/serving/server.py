@@ -3,22 +3,27 @@ the local environment, waited for, and stopped (for `skinml serve`, benchmarks a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
 
 from skinml.core.errors import SkinmlError, first_line
-from skinml.serving.mlserver import mlserver_command
+from skinml.serving.mlserver import LOAD_FAILURE, mlserver_command
 from skinml.serving.ports import free_port
 from skinml.tracking.store import require_tracking_store, store_hint
 
@@ -28,7 +33,18 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def check_model_uri(model_uri: str) -> None:
-    """One line (SkinmlError) for a model URI that does not resolve, before any server starts."""
+    """One line (SkinmlError) for a model URI that does not resolve, before any server starts.
+
+    A model folder on disk is checked on disk: MLflow's model info would look its logged
+    model up in the tracking store (making an empty `mlflow.db` where there is none), and a
+    folder copied from another store would be refused though it serves.
+    """
+    folder = local_model_folder(model_uri)
+    if folder is not None:
+        if not (folder / "MLmodel").is_file():
+            raise SkinmlError(f"cannot serve {model_uri}: {folder} holds no MLmodel file "
+                              "(not a model folder)")
+        return
     require_tracking_store(model_uri)
     try:
         get_model_info(model_uri)
@@ -36,6 +52,14 @@ def check_model_uri(model_uri: str) -> None:
         reason = first_line(exc)
         raise SkinmlError(f"cannot serve {model_uri}: {reason}{store_hint(model_uri)}") \
             from None
+
+
+def local_model_folder(model_uri: str) -> Path | None:
+    """The folder a plain path or file:// URI names; None for other URIs."""
+    if model_uri.startswith("file://"):
+        return Path(urllib.parse.urlsplit(model_uri).path)
+    return None if "://" in model_uri or model_uri.startswith(("models:/", "runs:/")) \
+        else Path(model_uri)
 
 
 def default_workers() -> int:
@@ -77,15 +101,20 @@ def start_server(model_uri: str, port: int, log_path: Path | None = None,
                             start_new_session=True)
 
 
-def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
-    """Poll /ping until it answers 200; SkinmlError if the server dies or never answers."""
+def wait_ready(process: subprocess.Popen, port: int, timeout: float = 120.0,
+               host: str = "127.0.0.1") -> None:
+    """Poll /ping until it answers 200 (MLflow's and skinml's MLServer runtime answer so once
+    the model is loaded); SkinmlError if the server dies or never answers."""
+    if host in ("", "0.0.0.0", "::"):  # every interface: this machine's loopback answers
+        host = "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/ping"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SkinmlError(f"model server exited with code {process.returncode} "
                               "before answering /ping")
         try:
-            with DIRECT.open(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
+            with DIRECT.open(url, timeout=2) as reply:
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -118,3 +147,95 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
         except ProcessLookupError:
             pass
+
+
+def serve_until_stopped(command: list[str], env: dict[str, str], host: str, port: int,
+                        model_uri: str, on_ready: Callable[[], None], log_path: Path,
+                        timeout: float = 600.0) -> int:
+    """Run a server of `model_uri` in the foreground: `on_ready()` once it answers /ping,
+    then its output and finally its exit code; SkinmlError with the server's own reason
+    (one line; the whole output in `log_path`) if it ends before it is ready.
+
+    The server stays in this process group, so Ctrl-C and a signal to the group reach it;
+    SIGTERM to this process alone is passed on to it.
+    """
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    output = ServerOutput(process.stdout, sys.stderr.buffer)
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    try:
+        try:
+            wait_ready(process, port, timeout=timeout, host=host)
+        except SkinmlError as exc:
+            _end(process)
+            output.join()
+            log_path.write_bytes(b"".join(output.kept))
+            raise SkinmlError(f"cannot serve {model_uri}: {output.reason() or exc} (the "
+                              f"server's output: {log_path})") from None
+        output.pass_through()
+        on_ready()
+        return process.wait()
+    except KeyboardInterrupt:  # the server got the terminal's Ctrl-C too: let it finish
+        _end(process, signalled=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end(process: subprocess.Popen, signalled: bool = False) -> None:
+    """Stop the server: SIGTERM (unless it was `signalled` already: a second signal would cut
+    its shutdown short), SIGKILL after 20 s."""
+    if not signalled and process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class ServerOutput:
+    """A server's output read on a thread: kept until it is passed through (then the kept
+    lines first), so a server that fails to start can be reported in one line."""
+
+    def __init__(self, stream: BinaryIO, sink: BinaryIO, keep: int = 2000) -> None:
+        self.kept: collections.deque[bytes] = collections.deque(maxlen=keep)
+        self._stream, self._sink = stream, sink
+        self._passing = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, daemon=True,
+                                        name="skinml-server-output")
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self._stream:
+            with self._lock:
+                if self._passing:
+                    self._sink.write(line)
+                    self._sink.flush()
+                else:
+                    self.kept.append(line)
+
+    def pass_through(self) -> None:
+        with self._lock:
+            self._sink.write(b"".join(self.kept))
+            self._sink.flush()
+            self._passing = True
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+
+    def reason(self) -> str | None:
+        """The server's reason for ending: the runtime's one line about the model, else the
+        last exception line of a traceback."""
+        lines = [line.decode(errors="replace").rstrip() for line in self.kept]
+        for line in reversed(lines):
+            if LOAD_FAILURE in line:
+                return "the model did not load: " + line.split(LOAD_FAILURE, 1)[1]
+        for line in reversed(lines):
+            if EXCEPTION_LINE.match(line):
+                return line
+        return None
+
+
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*")

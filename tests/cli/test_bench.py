@@ -23,6 +23,9 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
 
 @pytest.mark.parametrize("args, reason", [
     (["bench", "serve", "--repeats", "0"], "0 is not in the range x>=1"),
+    (["bench", "serve", "--servers", "mlflow,torchserve"], "choose from mlflow, mlserver"),
+    (["bench", "serve", "--workers", "2,x"], "'2,x' is not a list of numbers"),
+    (["bench", "serve", "--workers", "0"], "at least one count >= 1"),
     (["bench", "spark", "--images", "10"], "10 is not in the range x>=64"),
     (["bench", "predict", "--images", "10"], "10 is not in the range x>=64"),
 ])

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import socket
 import subprocess
@@ -21,9 +20,17 @@ from PIL import Image
 
 from skinml.core.labels import CLASSES, PROBABILITY_COLUMNS
 from skinml.serving.ports import free_port
-from skinml.serving.server import DIRECT, default_workers, serve_command, stop_server, wait_ready
+from skinml.serving.server import (
+    DIRECT,
+    check_model_uri,
+    default_workers,
+    serve_command,
+    stop_server,
+    wait_ready,
+)
 
-from ..conftest import NAME, b64, post_json
+from ..conftest import NAME, b64, post_json, skinml_in_process
+from .conftest import BAD_INPUTS, bad_columns, bomb, encoded
 
 PROBS = list(PROBABILITY_COLUMNS)
 
@@ -35,12 +42,6 @@ def invoke(url: str, payload, raw: bytes | None = None) -> tuple[int, dict]:
 def ping(url: str) -> int:
     with DIRECT.open(f"{url}/ping", timeout=10) as reply:
         return reply.status
-
-
-def encoded(image: Image.Image, fmt: str) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -122,32 +123,10 @@ def test_tta_param_is_accepted(champion_server, images):
     assert status == 200, body
 
 
-def _bomb(side: int = 8000) -> str:
-    image = Image.new("L", (side, side))  # 8000: 64 million pixels, a few kB as PNG
-    return encoded(image, "PNG")
-
-
-BAD_INPUTS = {
-    "not base64": ({"image": ["@@@ not base64 @@@"]}, "row 0: image is not valid base64"),
-    "not an image": ({"image": [base64.b64encode(b"hello, world").decode()]},
-                     "row 0: image: cannot decode image"),
-    "truncated": (None, "row 1: image: cannot decode image"),
-    "pixel bomb": (None, "over the limit of 50,000,000 pixels"),
-    "empty string": ({"image": [""]}, "row 0: image must be a non-empty base64 string"),
-    "missing column": ({"picture": ["abc"]}, "image"),
-    "empty batch": ({"image": []}, "no rows"),
-}
-
-
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_is_400_with_a_reason_and_the_server_lives_on(champion_server, images,
                                                                 demo, case):
-    columns, reason = BAD_INPUTS[case]
-    if case == "truncated":
-        whole = base64.b64decode(images["jpeg"])
-        columns = {"image": [images["jpeg"], base64.b64encode(whole[:len(whole) // 2]).decode()]}
-    if case == "pixel bomb":
-        columns = {"image": [_bomb()]}
+    columns, reason = bad_columns(case, images["jpeg"])
     name = next(iter(columns))
     payload = {"dataframe_split": {"columns": [name], "data": [[v] for v in columns[name]]}}
     status, body = invoke(champion_server, payload)
@@ -210,7 +189,7 @@ def test_skinml_serve_enforces_request_limits_and_a_timeout(demo, images):
             body["message"], body  # refused by size: it was never decoded
         with ThreadPoolExecutor(1) as pool:
             # 7 x 49 million pixels: over 2 s of decoding, under the 0.5 MB limit
-            slow = pool.submit(invoke, url, {"inputs": {"image": [_bomb(7000)] * 7}})
+            slow = pool.submit(invoke, url, {"inputs": {"image": [bomb(7000)] * 7}})
             time.sleep(0.3)
             started = time.perf_counter()
             assert ping(url) == 200
@@ -232,6 +211,23 @@ def test_serve_workers_share_the_cores_for_torch(monkeypatch):
     assert serve_command("models:/m", "127.0.0.1", 5001, workers=4)[1]["OMP_NUM_THREADS"] == "3"
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert default_workers() == 2
+
+
+def test_a_model_folder_is_checked_on_disk_without_a_tracking_store(tmp_path, monkeypatch):
+    """A folder copied from another store serves; MLflow's model info would look its logged
+    model up in the store (and make an empty mlflow.db here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    model = tmp_path / "model"
+    model.mkdir()
+    result = skinml_in_process("serve", str(model), "--port", str(free_port()))
+    assert (result.returncode, result.stderr.strip()) == (2, (
+        f"error: cannot serve {model}: {model} holds no MLmodel file (not a model folder)"))
+    (model / "MLmodel").write_text("model_id: m-0123\nflavors: {}\n")
+    check_model_uri(str(model))
+    check_model_uri(f"file://{model}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
 
 def test_skinml_serve_refuses_an_unknown_model_or_a_busy_port_in_one_line(demo):
