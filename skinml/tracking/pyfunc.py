@@ -333,8 +333,9 @@ class RequestLimits:
                              f"request ({MAX_ROWS_ENV})")
         if self.max_mb is None:
             return
+        # float: the sum of an empty string column would be "" (pandas' str dtype)
         size = images.map(lambda value: len(value) if isinstance(value, str | bytes) else 0,
-                          na_action="ignore").sum()
+                          na_action="ignore").astype("float64").sum()
         if size > self.max_mb * 1e6:
             raise _bad_input(f"request holds {size / 1e6:.1f} MB of images; at most "
                              f"{self.max_mb:g} MB per request ({MAX_REQUEST_MB_ENV})")
