@@ -204,3 +204,42 @@ def test_a_bad_training_value_stops_a_fusion_run_naming_the_image_and_column(tmp
 
 def _store(fusion: Fusion) -> Store:
     return Store(fusion.uri, fusion.root, fusion.folder, [])
+
+
+def test_mlserver_serves_with_and_without_metadata_on_both_endpoints(fusion):
+    rows = fusion.images.head(2)
+    images = [b64(p) for p in rows["path"]]
+    with isolated_tracking(fusion.root):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        expected = model.predict(fusion.frame(slice(0, 2), ("age", "sex", "localization")))
+        alone = model.predict(fusion.frame(slice(0, 2)))
+    with served(f"models:/{NAME}@champion", _store(fusion), mlserver=True) as url:
+        status, body = post_json(f"{url}/invocations", {"dataframe_split": {
+            "columns": ["image", "age", "sex", "localization"],
+            "data": [[image, age, sex, site] for image, (age, sex, site) in
+                     zip(images, rows[["age", "sex", "localization"]].itertuples(index=False),
+                         strict=True)]}})
+        assert status == 200, body
+        np.testing.assert_allclose(pd.DataFrame(body["predictions"])[PROBS], expected[PROBS],
+                                   atol=1e-6)
+        status, body = post_json(f"{url}/v2/models/skin-lesion-classifier/infer", {"inputs": [
+            {"name": "image", "shape": [2], "datatype": "BYTES",
+             "parameters": {"content_type": "str"}, "data": images},
+            {"name": "age", "shape": [2], "datatype": "FP64", "data": rows["age"].tolist()},
+            {"name": "sex", "shape": [2], "datatype": "BYTES",
+             "parameters": {"content_type": "str"}, "data": rows["sex"].tolist()},
+            {"name": "localization", "shape": [2], "datatype": "BYTES",
+             "parameters": {"content_type": "str"}, "data": rows["localization"].tolist()}]})
+        assert status == 200, body
+        outputs = {output["name"]: output["data"] for output in body["outputs"]}
+        np.testing.assert_allclose(np.array([outputs[c] for c in PROBS]).T, expected[PROBS],
+                                   atol=1e-6)
+        status, body = post_json(f"{url}/invocations", {"inputs": {"image": images}})
+        assert status == 200, body
+        np.testing.assert_allclose(pd.DataFrame(body["predictions"])[PROBS], alone[PROBS],
+                                   atol=1e-6)
+        status, body = post_json(f"{url}/invocations", {"dataframe_split": {
+            "columns": ["image", "localization"], "data": [[images[0], "elbow"]]}})
+        assert status == 400 and body["error"].startswith(
+            "row 0: localization must be one of abdomen"), body
+        assert "\n" not in body["error"]
