@@ -4,6 +4,7 @@ and compared by `skinml compare` with an image-only model trained alike on the s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -243,3 +244,14 @@ def test_mlserver_serves_with_and_without_metadata_on_both_endpoints(fusion):
         assert status == 400 and body["error"].startswith(
             "row 0: localization must be one of abdomen"), body
         assert "\n" not in body["error"]
+
+
+def test_predicting_files_with_a_fusion_model_says_they_carry_no_metadata(fusion, model):
+    path = fusion.images["path"].iloc[0]
+    result = _store(fusion).cli("predict", f"models:/{NAME}@champion", path, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"INFO: models:/{NAME}@champion reads age, sex and localization; image files "
+            "carry none") in result.stderr
+    (row,) = json.loads(result.stdout)
+    expected = model.predict(fusion.frame(slice(0, 1)))  # the image alone: all missing
+    np.testing.assert_allclose([row[c] for c in PROBS], expected[PROBS].iloc[0], atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from skinml.data.decode import open_rgb
 from skinml.data.preprocess import Preprocess
 from skinml.tracking.pyfunc import MAX_PIXELS
 from skinml.tracking.store import store_hint
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = 1
 PACKAGE = Path(__file__).parents[1]  # the skinml package, copied into every logged model
@@ -149,6 +152,14 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
             from None
 
 
+def note_images_alone(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> None:
+    """Say once that a fusion model scoring files gets no metadata (image files carry none)."""
+    if reads_clinical(model):
+        log.info("%s reads age, sex and localization; image files carry none, so each image "
+                 "is scored with them not recorded (send them as columns to a served model)",
+                 model_uri)
+
+
 def model_identity(model: mlflow.pyfunc.PyFuncModel) -> str:
     """What names this exact model whatever URI reached it (an alias may move): its logged
     model id, else its MLmodel uuid."""
@@ -161,6 +172,7 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
     for path in paths:  # a bad file is named here, not as "row N" of a batch
         open_rgb(path, max_pixels=MAX_PIXELS)
     model = load_model(model_uri)
+    note_images_alone(model, model_uri)
     table = pd.concat([model.predict(_encoded(chunk), params={"tta": tta})
                        for chunk in file_chunks(paths)])
     table.index = pd.Index([Path(p).stem for p in paths], name="image")

@@ -33,7 +33,12 @@ from skinml.core.errors import SkinmlError, first_line
 from skinml.core.files import replaced_atomically
 from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.data.image_files import ImageSources
-from skinml.tracking.logged_model import isic_submission, load_model, model_identity
+from skinml.tracking.logged_model import (
+    isic_submission,
+    load_model,
+    model_identity,
+    note_images_alone,
+)
 from skinml.tracking.pyfunc import BadInput
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,7 @@ def score_files(options: ScoreOptions) -> ScoreResult:
     if options.fmt not in FORMATS:
         raise SkinmlError(f"--format {options.fmt}: choose one of {', '.join(FORMATS)}")
     model = load_model(options.model_uri)
+    note_images_alone(model, options.model_uri)
     identity = {"format": MANIFEST_FORMAT, "model_uri": options.model_uri,
                 "model": model_identity(model), "sources": options.sources.describe(),
                 "output_format": options.fmt, "tta": options.tta,
