@@ -31,13 +31,17 @@ pytestmark = pytest.mark.slow  # a tracking server, a model server and a study: 
 
 @pytest.fixture
 def tracking_server(tmp_path, postgres, monkeypatch):
-    """`mlflow server` on a free 127.0.0.1 port over a fresh database; stopped by PID."""
+    """`mlflow server` on a free 127.0.0.1 port over a fresh database; stopped by PID.
+
+    One worker process: the default four each import MLflow and open the database, which on
+    2 cores slowed the training that follows; the test's clients take turns anyway."""
     backend, optuna_db = postgres
     port = free_port()
     artifacts = tmp_path / "artifacts"
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)],
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
         stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from ..conftest import log_tiny_model, skinml_in_process
+from ..conftest import skinml_in_process
 
 
 @pytest.mark.slow
-def test_bench_predict_prints_its_table_after_the_work(tmp_path, monkeypatch):
-    model = log_tiny_model(tmp_path / "store")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", model.tracking_uri)
-    result = skinml_in_process("bench", "predict", model.model_uri, "--images", "64",
+def test_bench_predict_prints_its_table_after_the_work(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_model.tracking_uri)
+    result = skinml_in_process("bench", "predict", tiny_model.model_uri, "--images", "64",
                                "--rows", "50", "--work-dir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
     machine, decode, *memory, predict = result.stdout.splitlines()

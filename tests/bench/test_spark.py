@@ -10,7 +10,7 @@ import pytest
 from skinml.core.errors import SkinmlError
 from skinml.tracking.logged_model import example_jpeg
 
-from ..conftest import SAMPLE_IMAGES, LoggedModel, log_tiny_model
+from ..conftest import SAMPLE_IMAGES
 
 pytest.importorskip("pyspark", reason="pyspark is not installed (pip install -e '.[spark]')")
 
@@ -20,22 +20,18 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark need
                                 "`java` is on PATH (.ci/run installs openjdk-17-jre-headless)")
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> LoggedModel:
-    return log_tiny_model(tmp_path_factory.mktemp("spark-bench-model"))
-
-
 @pytest.mark.slow  # a JVM and two Python workers on 2 cores: ~25 s
+@pytest.mark.spark
 @needs_java
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:pyspark")  # astype(copy=) on pandas 3
-def test_bench_spark_times_each_image_once_and_agrees_with_in_process(model, tmp_path,
+def test_bench_spark_times_each_image_once_and_agrees_with_in_process(tiny_model, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", model.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_model.tracking_uri)
     paths = []
     for source in SAMPLE_IMAGES[:16]:
         paths.append(tmp_path / f"{source.stem}.jpg")
         paths[-1].write_bytes(example_jpeg(str(source), max_side=53))
-    result = bench_spark(model.model_uri, [*paths, paths[0]], master="local[2]")
+    result = bench_spark(tiny_model.model_uri, [*paths, paths[0]], master="local[2]")
     assert result.images == 16 and result.master == "local[2]"  # the repeated path once
     assert result.partitions >= 1
     assert min(result.startup_seconds, result.first_batch_seconds, result.spark_seconds,

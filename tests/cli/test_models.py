@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -21,16 +22,34 @@ from skinml.cli import main
 from skinml.core.labels import CLASSES
 from skinml.workflows.registry import CHAMPION
 
-from ..conftest import ISIC_SCORER, NAME, REPO, SAMPLE_IMAGES
+from ..conftest import ISIC_SCORER, NAME, REPO, SAMPLE_IMAGES, Store
 
 
-def test_predict_writes_an_isic_submission(demo, tmp_path):
-    paths = [str(p) for p in sorted(demo.folder.glob("*.jpg"))[:3]]
-    out = tmp_path / "submission.csv"
-    result = demo.cli("predict", f"models:/{NAME}@champion", *paths,
-                     "--isic-csv", str(out), "--json")
+@dataclass(frozen=True)
+class IsicPredict:
+    """`skinml predict --isic-csv --json` of one image of each class."""
+
+    metadata: pd.DataFrame  # the images' rows, in the order they were given
+    paths: list[str]
+    submission: Path
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def isic_predict(demo_store: Store, tmp_path_factory: pytest.TempPathFactory) -> IsicPredict:
+    """One real `skinml predict` process for the module's two checks of its submission."""
+    metadata = pd.read_csv(demo_store.folder / "HAM10000_metadata.csv").groupby("dx").head(1)
+    paths = [str(demo_store.folder / f"{i}.jpg") for i in metadata["image_id"]]
+    submission = tmp_path_factory.mktemp("isic") / "submission.csv"
+    result = demo_store.cli("predict", f"models:/{NAME}@champion", *paths,
+                            "--isic-csv", str(submission), "--json")
+    return IsicPredict(metadata, paths, submission, result)
+
+
+def test_predict_writes_an_isic_submission(isic_predict):
+    result, paths = isic_predict.result, isic_predict.paths
     assert result.returncode == 0, result.stderr[-2000:]
-    submission = pd.read_csv(out)
+    submission = pd.read_csv(isic_predict.submission)
     assert list(submission.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert submission["image"].tolist() == [Path(p).stem for p in paths]
     np.testing.assert_allclose(submission.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
@@ -61,20 +80,15 @@ def test_explain_writes_an_overlay_of_the_images_size(demo, tmp_path):
     assert Image.open(figure).size[0] > 301  # the framed figure, with its colour scale
 
 
-def test_predict_isic_csv_is_accepted_by_the_official_scorer(demo, tmp_path):
-    metadata = pd.read_csv(demo.folder / "HAM10000_metadata.csv")
-    one_per_class = metadata.groupby("dx").head(1)
-    paths = [str(demo.folder / f"{i}.jpg") for i in one_per_class["image_id"]]
-    submission = tmp_path / "submission.csv"
-    result = demo.cli("predict", f"models:/{NAME}@champion", *paths,
-                     "--isic-csv", str(submission))
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_predict_isic_csv_is_accepted_by_the_official_scorer(isic_predict, tmp_path):
+    assert isic_predict.result.returncode == 0, isic_predict.result.stderr[-2000:]
+    one_per_class = isic_predict.metadata
     truth = pd.DataFrame({"image": one_per_class["image_id"],
                           **{c: (one_per_class["dx"] == c.lower()).astype(float)
                              for c in ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]}})
     truth.to_csv(tmp_path / "truth.csv", index=False)
     scored = subprocess.run([sys.executable, "-c", ISIC_SCORER, "classification",
-                             str(tmp_path / "truth.csv"), str(submission)],
+                             str(tmp_path / "truth.csv"), str(isic_predict.submission)],
                             capture_output=True, text=True, timeout=120)
     assert scored.returncode == 0, scored.stderr
     assert "balanced_accuracy" in scored.stdout

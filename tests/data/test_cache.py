@@ -16,7 +16,7 @@ from skinml.data import CorruptImageError, load_ham10000
 from skinml.data.cache import cache_root, open_cache, prepare_cache
 from skinml.data.decode import fit_to_frame, open_rgb
 
-from ..conftest import skinml
+from ..conftest import skinml, skinml_in_process
 
 
 def complete_caches(root: Path) -> list[Path]:
@@ -86,7 +86,7 @@ def test_skip_corrupt_leaves_the_image_out(make_folder):
     assert cache.skipped == (broken.stem,)
     with pytest.raises(CorruptImageError, match="--skip-corrupt"):
         prepare_cache(frame, size=32, progress=False)  # the reused cache still says so
-    result = skinml("data", "prepare", str(root), "--size", "32")
+    result = skinml_in_process("data", "prepare", str(root), "--size", "32")
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
@@ -94,7 +94,7 @@ def test_check_counts_corrupt_images_and_exits_2(make_folder):
     root = make_folder()
     broken = next(root.glob("*.jpg"))
     broken.write_bytes(broken.read_bytes()[:300])
-    result = skinml("data", "check", str(root))
+    result = skinml_in_process("data", "check", str(root))
     assert result.returncode == 2
     assert result.stdout == ""  # no table that is wrong: the error line alone
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {broken}")

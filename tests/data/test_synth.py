@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from skinml.core.labels import CLASSES
 from skinml.data import DataError, load_ham10000, split_by_lesion
 
-from ..conftest import skinml
+from ..conftest import skinml, skinml_in_process
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_synth_refuses_a_non_empty_folder_and_tiny_n(tmp_path):
     with pytest.raises(DataError, match="not an empty folder"):
         write_synthetic(tmp_path / "busy", 30)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
-    result = skinml("data", "synth", str(tmp_path / "x"), "--n", "5")
+    result = skinml_in_process("data", "synth", str(tmp_path / "x"), "--n", "5")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --n must be at least 21 (three images per class), got 5"
     assert not (tmp_path / "x").exists()

@@ -17,7 +17,7 @@ from PIL import Image
 from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.tracking.logged_model import encode_image, example_jpeg, load_model
 
-from ..conftest import NAME, SAMPLE_IMAGES, image_frame, isolated_tracking, log_tiny_model
+from ..conftest import NAME, SAMPLE_IMAGES, LoggedModel, image_frame, isolated_tracking
 
 pytest.importorskip("pyspark", reason="pyspark is not installed (pip install -e '.[spark]')")
 if shutil.which("java") is None:
@@ -30,6 +30,7 @@ from skinml.tracking.spark import local_session, read_images, result_type, scori
 
 pytestmark = [
     pytest.mark.slow,  # a JVM and two Python workers on 2 cores: 30-40 s for the module
+    pytest.mark.spark,
     # PySpark 4.3 warns on every pandas UDF under pandas 3 (and calls astype(copy=...));
     # these tests check what it returns, row for row, against in-process predict.
     pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning"),
@@ -42,13 +43,11 @@ OUTPUT = ["label", "diagnosis", "confidence", *PROBABILITY_COLUMNS]
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mlflow.pyfunc.PyFuncModel]:
+def champion(tiny_model: LoggedModel) -> Iterator[mlflow.pyfunc.PyFuncModel]:
     """The tiny model registered as champion, its store active for the module (so the
     documented URI resolves); yields it loaded, for in-process predictions."""
-    root = tmp_path_factory.mktemp("spark-store")
-    logged = log_tiny_model(root)
-    with isolated_tracking(root):
-        version = mlflow.register_model(logged.model_uri, NAME).version
+    with isolated_tracking(tiny_model.root):
+        version = mlflow.register_model(tiny_model.model_uri, NAME).version
         mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version)
         yield load_model(CHAMPION)
 

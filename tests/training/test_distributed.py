@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,7 @@ from skinml.training.distributed import Cluster, shard
 from skinml.training.engine import predict_split
 from skinml.workflows.prepared import batches_for, prepare_data
 
-from ..conftest import DEMO, tiny
+from ..conftest import DEMO, build_folder, isolated_tracking, tiny
 
 
 def test_shards_are_disjoint_equal_and_cover_the_order():
@@ -68,17 +69,41 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    """An uninterrupted two-process run in a store of its own, its checkpoint kept."""
+
+    root: Path
+    folder: Path
+    cache: Path  # its SKINML_CACHE: the image cache and the kept checkpoint
+    run_ids: list[str]  # every run in the store right after it ended
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """4 epochs of 2 gloo processes on a 25-lesions-per-class folder (epochs of ~1 s: time to
+    kill a run in): what the full-split metrics are recomputed from, and what a killed and
+    resumed run must end like. One run serves both tests (each torchrun costs ~25 s)."""
+    root = tmp_path_factory.mktemp("ddp")
+    folder = build_folder(root / "ham", lesions_per_class=25)
+    with isolated_tracking(root), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINML_CACHE", str(root / "cache"))
+        finish(torchrun(folder, "optim.epochs=4", "runtime.keep_checkpoint=true"))
+        runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+    return ReferenceRun(root, folder, root / "cache", [r.info.run_id for r in runs])
+
+
 @pytest.mark.slow
-def test_two_process_run_logs_once_with_full_split_metrics(tracking, make_folder):
-    folder = make_folder("ddp", lesions_per_class=6)
-    finish(torchrun(folder, "runtime.keep_checkpoint=true"))  # its weights are checked below
-    (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+def test_two_process_run_logs_once_with_full_split_metrics(reference, monkeypatch):
+    (run_id,) = reference.run_ids  # one MLflow run for the two processes
+    monkeypatch.setenv("SKINML_CACHE", str(reference.cache))
+    with isolated_tracking(reference.root):
+        run = mlflow.get_run(run_id)
+        history = mlflow.MlflowClient().get_metric_history(run_id, "val_balanced_accuracy")
     assert run.info.status == "FINISHED"
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_balanced_accuracy")
-    assert [m.step for m in history] == [1, 2]
-    # Recompute epoch 2's val metrics in one process, on the whole val split.
-    payload = torch.load(cache_root() / "checkpoints" / run.info.run_id / "last.pt",
-                         weights_only=True)
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    # Recompute the last epoch's val metrics in one process, on the whole val split.
+    payload = torch.load(cache_root() / "checkpoints" / run_id / "last.pt", weights_only=True)
     config = build_config(payload["config"])
     model = build_model(config.model)
     model.load_state_dict(payload["model"])
@@ -93,31 +118,33 @@ def test_two_process_run_logs_once_with_full_split_metrics(tracking, make_folder
 
 
 @pytest.mark.slow
-def test_ddp_resume_ends_like_an_uninterrupted_ddp_run(tracking, make_folder):
-    folder = make_folder("ddp", lesions_per_class=25)  # epochs of ~1 s: time to kill in
-    process = torchrun(folder, "optim.epochs=4")
-    checkpoints = cache_root() / "checkpoints"
-    deadline, epoch = time.monotonic() + 300, 0
-    while epoch < 1 and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        for path in checkpoints.glob("*/last.pt"):
-            epoch = torch.load(path, weights_only=True)["state"]["epoch"]
-        time.sleep(0.05)
-    kill_tree(process.pid)
-    process.communicate()
-    (checkpoint,) = checkpoints.glob("*/last.pt")
-    run_id = checkpoint.parent.name
-    assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] < 4
+def test_ddp_resume_ends_like_an_uninterrupted_ddp_run(reference):
+    """Killed after its first epoch, resumed: it ends as the reference run (the same folder
+    and settings, never interrupted; logged into the same store)."""
+    with isolated_tracking(reference.root):
+        process = torchrun(reference.folder, "optim.epochs=4")
+        checkpoints = cache_root() / "checkpoints"  # this test's cache, not the reference's
+        deadline, epoch = time.monotonic() + 300, 0
+        while epoch < 1 and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            for path in checkpoints.glob("*/last.pt"):
+                epoch = torch.load(path, weights_only=True)["state"]["epoch"]
+            time.sleep(0.05)
+        kill_tree(process.pid)
+        process.communicate()
+        (checkpoint,) = checkpoints.glob("*/last.pt")
+        run_id = checkpoint.parent.name
+        assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] < 4
 
-    finish(torchrun(folder, resume=run_id))
-    finish(torchrun(folder, "optim.epochs=4"))
-    client = mlflow.MlflowClient()
-    runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    other = next(r for r in runs if r.info.run_id != run_id)
-    resumed = client.get_run(run_id)
-    for key in ("test_balanced_accuracy", "test_auc", "best_epoch"):
-        assert resumed.data.metrics[key] == other.data.metrics[key], key
-    by_step = [{m.step: m.value for m in client.get_metric_history(r, "val_loss")}
-               for r in (run_id, other.info.run_id)]
+        finish(torchrun(reference.folder, resume=run_id))
+        client = mlflow.MlflowClient()
+        runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        (other,) = [r for r in runs if r.info.run_id != run_id]
+        assert other.info.run_id in reference.run_ids
+        resumed = client.get_run(run_id)
+        for key in ("test_balanced_accuracy", "test_auc", "best_epoch"):
+            assert resumed.data.metrics[key] == other.data.metrics[key], key
+        by_step = [{m.step: m.value for m in client.get_metric_history(r, "val_loss")}
+                   for r in (run_id, other.info.run_id)]
     assert by_step[0] == by_step[1] and sorted(by_step[0]) == [1, 2, 3, 4]

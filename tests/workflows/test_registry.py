@@ -172,7 +172,8 @@ def test_the_decision_is_in_the_versions_own_model_card(runs):
 def test_different_splits_need_gate_data_exit_2_and_nothing_is_registered(runs):
     name = "gate-splits"
     register_run(runs["good"], name)
-    result = runs["store"].cli("register", "--run-id", runs["other_split"], "--name", name)
+    result = runs["store"].cli_in_process("register", "--run-id", runs["other_split"],
+                                          "--name", name)  # refused before any work
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: run {runs['other_split']} and champion version 1")
@@ -200,7 +201,9 @@ def test_register_picks_by_validation_and_refuses_test_metrics(runs):
     with isolated_tracking(runs["root"]), mlflow.start_run(experiment_id=experiment):
         mlflow.set_tag("skinml.role", "evaluation")
         mlflow.log_metrics({"best_val_balanced_accuracy": 0.99, "test_balanced_accuracy": 0.99})
-    result = runs["store"].cli("register", "--experiment", "skin-lesion", "--name", "gate-pick")
+    # in-process: tests/cli/test_models.py runs `skinml register --experiment` in its own
+    result = runs["store"].cli_in_process("register", "--experiment", "skin-lesion",
+                                          "--name", "gate-pick")
     assert result.returncode == 0, result.stderr[-2000:]
     trained = {r: client.get_run(r).data.metrics["best_val_balanced_accuracy"]
                for r in (runs["good"], runs["bad"], runs["other_split"])}

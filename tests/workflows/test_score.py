@@ -23,14 +23,14 @@ from skinml.tracking.logged_model import example_jpeg, load_model
 from skinml.workflows import score
 from skinml.workflows.score import ScoreOptions, read_predictions, score_files
 
-from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel, log_tiny_model
+from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel
 
 PROBS = list(PROBABILITY_COLUMNS)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> LoggedModel:
-    return log_tiny_model(tmp_path_factory.mktemp("score-model"))
+def model(tiny_model: LoggedModel) -> LoggedModel:
+    return tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -180,8 +180,7 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
     assert result.stdout.startswith("run ")
     (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
     assert run.info.status == "FINISHED"
-    again = subprocess.run([sys.executable, "-m", "skinml", "train", "--resume", run.info.run_id],
-                           capture_output=True, text=True, timeout=600)
+    again = skinml_in_process("train", "--resume", run.info.run_id)  # refused before any work
     assert again.returncode == 2
     assert again.stderr.strip() == (
         f"error: --resume {run.info.run_id}: the run finished; --resume continues a run that "

@@ -15,7 +15,7 @@ from skinml.workflows.tuning import trials
 from skinml.workflows.tuning.study import open_study, tune
 from skinml.workflows.tuning.trials import RUN_ID_ATTR
 
-from ...conftest import REPO, skinml, tiny
+from ...conftest import REPO, skinml, skinml_in_process, tiny
 from .conftest import runs_of, tuning_options
 
 
@@ -145,8 +145,7 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
                    env={"MLFLOW_TRACKING_URI": tracking})
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"from run {best.user_attrs[RUN_ID_ATTR]}" in again.stdout
-    missing = skinml("register", "--study", "nope", "--storage", storage, cwd=tmp_path,
-                     env={"MLFLOW_TRACKING_URI": tracking})
+    missing = skinml_in_process("register", "--study", "nope", "--storage", storage)
     assert missing.returncode == 2 and "cannot load study 'nope'" in missing.stderr
 
 
