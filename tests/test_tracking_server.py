@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow  # a tracking server, a model server and a study: 
 def tracking_server(tmp_path, postgres, monkeypatch):
     """`mlflow server` on a free 127.0.0.1 port over a fresh database; stopped by PID.
 
-    One worker process: the default four each import MLflow and open the database, which on
-    2 cores slowed the training that follows; the test's clients take turns anyway."""
+    One worker process, and no job runner (MLflow's GenAI jobs, which skinml has none of):
+    the default four workers and the runner's eight processes each import MLflow, which
+    on 2 cores slowed the training that follows; the test's clients take turns anyway."""
     backend, optuna_db = postgres
     port = free_port()
     artifacts = tmp_path / "artifacts"
@@ -43,7 +44,7 @@ def tracking_server(tmp_path, postgres, monkeypatch):
          "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-        start_new_session=True)
+        start_new_session=True, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
