@@ -9,20 +9,16 @@ every step ran; the targets are reported, not enforced.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +26,11 @@ import torch
 import yaml
 
 from skinml.bench.serve import bench_serve, in_process_rate
+from skinml.bench.table import Row, Skipped
 from skinml.bench.throughput import bench_loader, bench_train
+from skinml.bench.tuning import bench_tune
 from skinml.core.config import Config
 from skinml.core.errors import first_line
-from skinml.core.files import write_atomically
 from skinml.data.loader import Batch
 from skinml.data.synth import write_synthetic
 from skinml.serving.server import running_server
@@ -49,27 +46,6 @@ from skinml.workflows.prepared import batches_for, prepare_data
 from skinml.workflows.train import build_recipe, train
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Row:
-    """One step's outcome, as printed and as written to JSON."""
-
-    step: str
-    status: str = "ok"  # ok | failed: reason | skipped: reason
-    figure: str = ""
-    ratio: str = ""
-    seconds: float = 0.0
-    peak_gpu_mib: float | None = None
-    values: dict[str, float | str] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> bool:
-        return self.status.startswith("failed")
-
-
-class Skipped(Exception):
-    """A step that cannot run on this machine (no second GPU, no CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +121,7 @@ def run_bench(device: torch.device, quick: bool, work: Path) -> list[Row]:
         ("skinml train via MLflow", lambda: _train_run(plan, data_dir, work, shared)),
         ("resume from checkpoint", lambda: _resume(plan, data_dir, work, shared)),
         ("serving: in-process and REST", lambda: _serve(plan, data_dir, shared)),
+        ("tuning: 1 vs N workers", lambda: _tune(plan, data_dir, work)),
         ("DDP: 2 processes, NCCL", lambda: _ddp(plan, data_dir, work)),
     ]
     rows = []
@@ -339,6 +316,30 @@ def _gpu_decode_rate(model_uri: str, image: Path) -> float:
     return in_process_rate(model, image, 64)
 
 
+def _tune(plan: Plan, data_dir: Path, work: Path) -> Row:
+    """The same study with 1 worker and with several on this device: trials per hour, and
+    each trial's time outside its epochs."""
+    workers, trials = (3, 6 if plan.quick else 9) if plan.cuda else (2, 2)
+    items = [f"data.dir={data_dir}", f"data.cache_size={plan.cache_size}",
+             f"model.arch={plan.arch}", "model.pretrained=false",
+             f"model.image_size={plan.image_size}", f"optim.batch_size={plan.loader_batch}",
+             "optim.epochs=2", "runtime.progress=false", "runtime.bootstrap=100",
+             "runtime.experiment=skinml-bench-gpu-tune"]
+    one, many = bench_tune("demo", items, trials, [1, workers], work / "tune")
+    ratio = many.per_hour / one.per_hour
+    goal = "target >= 2x: " + ("met" if ratio >= 2 else "missed") if plan.cuda else "CPU"
+    return Row("", figure=f"{many.per_hour:,.0f} vs {one.per_hour:,.0f} trials/h",
+               ratio=f"{ratio:.2f}x with {workers} workers ({goal})",
+               values={"workers": workers, "trials": trials, "epochs": 2,
+                       "trials_per_hour_1": one.per_hour,
+                       "trials_per_hour_n": many.per_hour, "ratio": ratio,
+                       "outside_epochs_median_1": one.median_outside,
+                       "outside_epochs_median_n": many.median_outside,
+                       "epochs_seconds_median_1": float(np.median(one.in_epochs)),
+                       "startup_seconds_n": many.startup_seconds,
+                       "arch": plan.arch, "image_size": plan.image_size})
+
+
 def _ddp(plan: Plan, data_dir: Path, work: Path) -> Row:
     if not plan.cuda:
         raise Skipped("needs CUDA (NCCL); the CPU's gloo path is tested in the suite")
@@ -356,37 +357,3 @@ def _ddp(plan: Plan, data_dir: Path, work: Path) -> Row:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"skinml train --nproc 2 exited {done.returncode}: {tail}")
     return Row("", figure=f"1 epoch in {seconds:.1f} s", values={"seconds": seconds})
-
-
-def format_row(row: Row) -> str:
-    """One line: step, ok/failed/skipped, figure and ratio (or the reason), memory, time."""
-    memory = f"{row.peak_gpu_mib:,.0f} MiB" if row.peak_gpu_mib is not None else "-"
-    state, _, reason = row.status.partition(": ")
-    detail = f"{row.figure:<38} {row.ratio:<44}" if state == "ok" else f"{reason:<83}"
-    return f"{row.step:<30} {state:<8} {detail} {memory:>10} {row.seconds:7.1f} s"
-
-
-def header() -> str:
-    return (f"{'step':<30} {'status':<8} {'figure':<38} {'ratio / detail':<44} "
-            f"{'peak GPU':>10} {'time':>9}")
-
-
-def report(rows: list[Row], device: torch.device, quick: bool, machine: str) -> dict:
-    return {"machine": machine, "device": str(device), "quick": quick,
-            "torch": torch.__version__, "ok": not any(r.failed for r in rows),
-            "rows": [dataclasses.asdict(r) for r in rows]}
-
-
-def write_report(path: Path, content: dict) -> None:
-    write_atomically(path, (json.dumps(content, indent=2) + "\n").encode())
-
-
-@contextlib.contextmanager
-def work_folder(keep: Path | None) -> Iterator[Path]:
-    """A scratch folder for the synthetic data, caches, checkpoints and tracking store."""
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep
-        return
-    with tempfile.TemporaryDirectory(prefix="skinml-bench-gpu-") as folder:
-        yield Path(folder)

@@ -26,17 +26,23 @@ _BENCH_DATA = click.option("--data-dir", callback=blank_is_none,
                            help="HAM10000 folder [default: the bundled sample].")
 
 
-def _bench_config(config_path: str | None, data_dir: str | None, sets: tuple[str, ...]):
+def _bench_overrides(config_path: str | None, data_dir: str | None, sets: tuple[str, ...]
+                     ) -> tuple[str, list[str]]:
+    """The config a benchmark runs: (config name or path, overrides)."""
     import torch
-
-    from skinml.training.choices import load_run_config
 
     config_path = config_path or ("ham10000" if torch.cuda.is_available() else "demo")
     # Benchmarks never download weights: throughput does not depend on them.
     items = ["model.pretrained=false", "runtime.progress=false", *sets]
     if data_dir:
         items.append(f"data.dir={data_dir}")
-    return load_run_config(config_path, items)
+    return config_path, items
+
+
+def _bench_config(config_path: str | None, data_dir: str | None, sets: tuple[str, ...]):
+    from skinml.training.choices import load_run_config
+
+    return load_run_config(*_bench_overrides(config_path, data_dir, sets))
 
 
 @bench.command("loader")
@@ -87,6 +93,46 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
         click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
     click.echo(f"end to end / ceiling: {100 * end_to_end.per_second / ceiling.per_second:.0f}% "
                "(target >= 90% on a GPU)")
+
+
+@bench.command("tune")
+@_BENCH_CONFIG
+@_BENCH_DATA
+@_BENCH_SETS
+@click.option("--trials", default=6, show_default=True, type=click.IntRange(min=2),
+              help="COMPLETE trials of each study.")
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Epochs of each trial (optim.epochs).")
+@click.option("--workers", "counts", default="1,2", show_default=True, metavar="N[,N...]",
+              help="Worker counts to compare, each a study of its own (the first is the "
+                   "baseline of the speed-up).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the studies' stores here [default: a temp folder].")
+def bench_tune(config_path: str | None, data_dir: str | None, sets: tuple[str, ...],
+               trials: int, epochs: int, counts: str, work_dir: Path | None) -> None:
+    """Trials per hour with 1 worker against N on this machine, and each trial's time
+    outside its epochs (what a study pays beyond training)."""
+    import tempfile
+
+    from skinml.bench.throughput import machine
+    from skinml.bench.tuning import bench_tune as run
+    from skinml.bench.tuning import timing_lines
+
+    worker_counts = _client_counts(counts, "--workers")
+    if not worker_counts:
+        raise click.BadParameter("at least one count >= 1", param_hint="--workers")
+    config_path, items = _bench_overrides(config_path, data_dir, (*sets,
+                                                                  f"optim.epochs={epochs}"))
+    with contextlib.ExitStack() as stack:
+        work = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        click.echo(f"measuring {len(worker_counts)} studies of {trials} trials "
+                   f"({epochs} epochs each) in {work}", err=True)
+        results = run(config_path, items, trials, worker_counts, work)
+    config = _bench_config(config_path, None, tuple(items))
+    click.echo(f"machine: {machine()}; {config.model.arch} at {config.model.image_size} px, "
+               f"{trials} trials of {epochs} epochs per study (config {config_path})")
+    for line in timing_lines(results):
+        click.echo(line)
 
 
 @bench.command("serve")
@@ -322,7 +368,7 @@ def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | 
     exit 0 only if all ran."""
     import torch
 
-    from skinml.bench import gpu
+    from skinml.bench import gpu, table
     from skinml.bench.throughput import machine
     from skinml.training.device import resolve_device
 
@@ -335,15 +381,15 @@ def bench_gpu(out: Path | None, quick: bool, device_name: str, work_dir: Path | 
         raise click.BadParameter("this machine has no CUDA device", param_hint="--device")
     click.echo(f"measuring the GPU path on {device}{', quick' if quick else ''}; the table "
                "follows the last step", err=True)
-    with gpu.work_folder(work_dir) as work:
+    with table.work_folder(work_dir) as work:
         rows = gpu.run_bench(device, quick, work)
     # Printed after the work, so the steps' training logs (stderr) never split the table.
     click.echo(f"machine: {machine()}; device {device}{', quick' if quick else ''}")
-    click.echo(gpu.header())
+    click.echo(table.header())
     for row in rows:
-        click.echo(gpu.format_row(row))
+        click.echo(table.format_row(row))
     if out is not None:
-        gpu.write_report(out, gpu.report(rows, device, quick, machine()))
+        table.write_report(out, table.report(rows, device, quick, machine()))
         click.echo(f"wrote {out}", err=True)
     failed = [row for row in rows if row.failed]
     for row in failed:

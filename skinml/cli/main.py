@@ -15,7 +15,7 @@ import sys
 import click
 
 from skinml.cli import bench, cache, data, models, runs
-from skinml.core.errors import SkinmlError
+from skinml.core.errors import SkinmlError, WorkersFailed
 
 RESUMABLE = ("train", "cv")  # commands whose interrupted run `--resume RUN_ID` continues
 
@@ -31,6 +31,9 @@ class _Cli(click.Group):
             click.echo(f"error: {exc}", err=True)
             _tag_launching_run(str(exc))
             ctx.exit(2)
+        except WorkersFailed as exc:  # each worker printed its own error already
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
         except click.UsageError as exc:  # click prints it; the run `mlflow run` made says why
             _tag_launching_run(exc.format_message())
             raise

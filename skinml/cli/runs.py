@@ -97,6 +97,7 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
 @click.command()
 @click.option("--config", "config_path", default="demo", show_default=True,
               help="Base config (a YAML path, or demo / ham10000); the space overrides it.")
+@DATA_DIR_OPTION
 @click.option("--search-space", default="search_space", show_default=True,
               help="YAML search space, or search_space: the shipped experiments/search_space.yaml.")
 @click.option("--n-trials", default=20, show_default=True, type=click.IntRange(min=1),
@@ -137,6 +138,15 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
               help="End with the best trial against the base config (one more training run, "
                    "compared on the shared test split).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampler seed.")
+@click.option("--workers", callback=blank_is_none, metavar="INT",
+              help="Trials run at once on this machine, each in its own process, spread "
+                   "over the GPUs (the CPU's cores are split between them). [default: one "
+                   "per GPU, 1 without]")
+@click.option("--log-models", default="best", show_default=True,
+              type=click.Choice(["best", "all"]),
+              help="best: trials log what choosing reads (epochs, validation with its "
+                   "interval); the best trial and the verdict's baseline get their model, "
+                   "test scores and figures at the end. all: every trial logs them.")
 @click.option("--heartbeat-interval", default=10, show_default=True, type=click.IntRange(min=1),
               help="Seconds between a running trial's heartbeats in the storage.")
 @click.option("--grace-period", default=60, show_default=True, type=click.IntRange(min=2),
@@ -150,10 +160,11 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
          folds: int, pruner: str | None, pruner_startup_trials: int,
          pruner_warmup_epochs: str | None, pruner_patience: int,
          register_best: bool, gate_data: str | None, verdict: bool, seed: int,
-         heartbeat_interval: int, grace_period: int, sets: tuple[str, ...],
-         overrides: str | None) -> None:
+         workers: str | None, log_models: str, heartbeat_interval: int, grace_period: int,
+         sets: tuple[str, ...], overrides: str | None, data_dir: str | None) -> None:
     """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
     from skinml.workflows.tuning.options import TuneOptions
+    from skinml.workflows.tuning.pool import default_workers
     from skinml.workflows.tuning.study import tune as run_study
 
     try:
@@ -166,6 +177,8 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         raise click.BadParameter(f"{bound} is below --n-trials {n_trials}",
                                  param_hint="--max-trials")
     warmup = whole_number(pruner_warmup_epochs, "--pruner-warmup-epochs", minimum=0)
+    processes = whole_number(workers, "--workers") or default_workers()
+    base_overrides = run_overrides({"data_dir": data_dir}, overrides, sets)
     result = run_study(TuneOptions(
         config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
         timeout=seconds, study_name=study_name, storage=storage, sampler=sampler,
@@ -173,8 +186,8 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         pruner_startup_trials=pruner_startup_trials, pruner_warmup_epochs=warmup,
         pruner_patience=pruner_patience,
         register_best=register_best, gate_data=gate_data, verdict=verdict, seed=seed,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period, overrides=tuple((overrides or "").split()) + sets))
+        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+        overrides=tuple(base_overrides), log_models=log_models, workers=processes))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())
     click.echo(f"study {result.study_name}: {counts}; parent run {result.parent_run_id}")
     if result.best_value is not None:

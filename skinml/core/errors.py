@@ -26,3 +26,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, hint: str):
         super().__init__(hint)
         self.hint = hint
+
+
+class WorkersFailed(Exception):
+    """Every worker process of a job stopped with an error (each said why): the CLI prints
+    this line and exits with code 1."""

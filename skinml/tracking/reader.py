@@ -113,6 +113,12 @@ def model_uri_of(run: Run) -> str:
     return f"models:/{live[0].model_id}"
 
 
+def has_logged_model(run_id: str) -> bool:
+    """Whether a run logged a model (a tuning trial logs its model only if it is the best)."""
+    outputs = MlflowClient().get_run(run_id).outputs
+    return bool(outputs is not None and outputs.model_outputs)
+
+
 def logged_models_of(run_id: str, experiment: str) -> list[LoggedModel]:
     """The models a run logged that are not deleted (any status), newest first."""
     return mlflow.search_logged_models(

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 import yaml
 from matplotlib import pyplot as plt
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from skinml.core.config import Config
@@ -142,18 +144,29 @@ class RunLog:
 @contextlib.contextmanager
 def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | None = None,
                resume_run_id: str | None = None, nested: bool = False,
-               system_metrics: bool = False) -> Iterator[RunLog]:
+               system_metrics: bool = False, parent_run_id: str | None = None
+               ) -> Iterator[RunLog]:
     """The one way skinml starts (or resumes) a run: experiment, role and provenance tags.
 
-    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and keeps its experiment;
-    otherwise the run goes to `experiment`, created on first use. A resumed run keeps the
-    tags it has.
+    Under `mlflow run` the run already exists (MLFLOW_RUN_ID) and keeps its experiment; a
+    nested run (under the active run, or under `parent_run_id` from another process) goes
+    where its parent is; otherwise the run goes to `experiment`, created on first use. A
+    resumed run keeps the tags it has. System metrics are logged on the outermost run only
+    (a study's or a cross-validation's covers its trials and folds).
     """
     announce_store()
-    if resume_run_id is None and mlflow.active_run() is None and not _launched_by_mlflow_run():
+    active = mlflow.active_run()
+    parent = parent_run_id or (active.info.run_id if nested and active is not None else None)
+    experiment_id = None
+    if resume_run_id is None and parent is not None:
+        experiment_id = MlflowClient().get_run(parent).info.experiment_id
+    elif resume_run_id is None and active is None and not _launched_by_mlflow_run():
         mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else name,
-                          nested=nested, log_system_metrics=system_metrics) as run:
+    with mlflow.start_run(run_id=resume_run_id, experiment_id=experiment_id,
+                          run_name=None if resume_run_id else name,
+                          nested=nested or parent_run_id is not None,
+                          parent_run_id=parent_run_id if resume_run_id is None else None,
+                          log_system_metrics=system_metrics and parent is None) as run:
         run_id = run.info.run_id
         describe_experiment(run.info.experiment_id, role)
         if resume_run_id is None:
@@ -169,21 +182,41 @@ def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | Non
 
 
 def training_run(config: Config, run_name: str, resume_run_id: str | None = None,
-                 nested: bool = False, tags: dict[str, str] | None = None
-                 ) -> contextlib.AbstractContextManager[RunLog]:
+                 nested: bool = False, tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None) -> contextlib.AbstractContextManager[RunLog]:
     """The run a training logs into (or the killed run it resumes)."""
     return _start_run(config.runtime.experiment, run_name, "training", tags, resume_run_id,
-                      nested, system_metrics=_system_metrics())
+                      nested, system_metrics=_system_metrics(), parent_run_id=parent_run_id)
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str) -> Iterator[RunLog]:
+    """A finished run opened again to log what was deferred (a study's best trial's model);
+    it ends as it was: FINISHED, at the time it finished (its duration stays its training's)."""
+    ended = MlflowClient().get_run(run_id).info.end_time
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None,
+                          log_system_metrics=False) as run:
+        yield RunLog(run_id, run.info.run_name)
+    MlflowClient().set_terminated(run_id, status="FINISHED", end_time=ended)
+
+
+def log_run_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Metrics on a run that may have ended (a trial's time outside its epochs)."""
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(key, value, now, step)
+                                              for key, value in _finite(values).items()])
 
 
 @contextlib.contextmanager
 def cv_run(config: Config, run_name: str, folds: int, resume_run_id: str | None = None,
-           nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[RunLog]:
+           nested: bool = False, tags: dict[str, str] | None = None,
+           parent_run_id: str | None = None) -> Iterator[RunLog]:
     """The parent run of a cross-validation (its folds' training runs nest under it); itself
     nested when it is a tuning trial."""
     with _start_run(config.runtime.experiment, run_name, "cv",
                     {"skinml.cv_folds": str(folds), **(tags or {})}, resume_run_id,
-                    nested) as parent:
+                    nested, system_metrics=_system_metrics(),
+                    parent_run_id=parent_run_id) as parent:
         if "cv.folds" not in mlflow.get_run(parent.run_id).data.params:
             mlflow.log_param("cv.folds", folds)
         yield parent
@@ -223,7 +256,8 @@ def study_run(experiment: str, study_name: str, storage: str, options: dict[str,
     """
     open_store()
     with _start_run(experiment, study_name, "study", {"optuna.study_name": study_name,
-                                                      "optuna.storage": storage}) as run:
+                                                      "optuna.storage": storage},
+                    system_metrics=_system_metrics()) as run:
         logged = mlflow.get_run(run.run_id).data.params
         mlflow.log_params({f"tune.{k}": "" if v is None else v for k, v in options.items()
                            if f"tune.{k}" not in logged and k not in logged})

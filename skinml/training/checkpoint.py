@@ -22,6 +22,7 @@ from skinml.training.recipe import StepTools
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+CANDIDATE_FILE = "candidate.pt"  # beside last.pt: a tuning trial's best-epoch weights
 
 
 @dataclass
@@ -78,7 +79,46 @@ def remove_checkpoint(path: Path) -> None:
     path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         path.parent.rmdir()
-    log.info("removed checkpoint %s (runtime.keep_checkpoint=true keeps it)", path)
+    log.info("removed checkpoint %s (set runtime.keep_checkpoint=true to keep checkpoints)",
+             path)
+
+
+def candidate_path(config: Config, run_id: str) -> Path:
+    """Where a deferred run keeps its best-epoch weights until a study logs or drops them."""
+    return checkpoint_path(config, run_id).with_name(CANDIDATE_FILE)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished run's best-epoch weights with what logging its model needs: the weights it
+    was judged on, the temperature fitted on validation, its resolved config."""
+
+    weights: dict[str, torch.Tensor]
+    temperature: float
+    config: dict[str, Any]
+    best_epoch: int
+
+
+def save_candidate(path: Path, candidate: Candidate) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "weights": candidate.weights,
+               "temperature": candidate.temperature, "config": candidate.config,
+               "best_epoch": candidate.best_epoch}
+    with replaced_atomically(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_candidate(path: Path) -> Candidate:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return Candidate(payload["weights"], float(payload["temperature"]), payload["config"],
+                     int(payload["best_epoch"]))
+
+
+def remove_candidate(path: Path) -> None:
+    """Delete a candidate (and its run's folder when nothing else is in it), quietly: a study
+    drops one for every trial that stops being the best."""
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
 
 
 def save_checkpoint(path: Path, model: nn.Module, tools: StepTools, state: TrainingState,

@@ -80,6 +80,7 @@ class FitResult:
     best_weights: dict[str, torch.Tensor]
     best_epoch: int
     best_score: float
+    epochs_run: int = 0  # the last epoch trained (early stopping may end before the budget)
 
 
 def train_one_epoch(model: nn.Module, batches: Batches, tools: StepTools,
@@ -198,7 +199,7 @@ def fit(model: nn.Module, tools: StepTools, train: CachedBatches, val: CachedBat
         if patience and state.stale_epochs >= patience and epoch < settings.epochs:
             log.info("early stopping after epoch %d: no val gain for %d epochs", epoch, patience)
             break
-    return FitResult(state.best_weights, state.best_epoch, state.best_score)
+    return FitResult(state.best_weights, state.best_epoch, state.best_score, state.epoch)
 
 
 def _run_epoch(loop: _Loop, state: TrainingState, epoch: int) -> EpochResult:

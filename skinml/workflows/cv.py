@@ -29,6 +29,7 @@ from skinml.tracking import reader
 from skinml.tracking.logged_model import load_model, model_meta, predict_paths
 from skinml.tracking.writer import RunLog, cv_run, mark_killed
 from skinml.training.choices import build_run_config
+from skinml.training.engine import EpochResult
 from skinml.workflows.prepared import PreparedData, prepare_data
 from skinml.workflows.train import RunHooks, clinical_example, train
 
@@ -71,6 +72,8 @@ class CVHooks:
     on_run_start: Callable[[str], None] | None = None  # gets the parent run id
     # After each fold: (folds done, running mean of their validation balanced accuracy).
     on_fold_end: Callable[[int, float], None] | None = None
+    on_epoch_end: Callable[[EpochResult], None] | None = None  # each fold's epochs
+    parent_run_id: str | None = None  # nest under this run (a study's, from a worker)
 
 
 def cross_validate(config: Config, folds: int, resume_run_id: str | None = None, *,
@@ -91,7 +94,8 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
     assignment = assign_folds(data.frame, data.split, folds, seed=config.data.split_seed,
                               warn=not hooks.nested)  # a study's trial: the study warned
     name = config.runtime.run_name or f"{config.model.arch}-cv{folds}-s{config.runtime.seed}"
-    with cv_run(config, name, folds, resume_run_id, hooks.nested, hooks.tags) as parent:
+    with cv_run(config, name, folds, resume_run_id, hooks.nested, hooks.tags,
+                hooks.parent_run_id) as parent:
         if hooks.on_run_start is not None:
             hooks.on_run_start(parent.run_id)
         if resume_run_id is None:
@@ -106,7 +110,7 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
             assert_no_leakage(data.frame, split)
             fold_data = dataclasses.replace(data, split=split)
             run_id = finished.get(fold) or _train_fold(config, fold_data, fold, folds,
-                                                       parent.run_id, name)
+                                                       parent.run_id, name, hooks.on_epoch_end)
             results.append(_fold_result(fold, run_id, fold_data, config))
             parent.log_metrics({"fold_val_balanced_accuracy":
                                 results[-1].val_balanced_accuracy}, step=fold + 1)
@@ -117,10 +121,11 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
 
 
 def _train_fold(config: Config, data: PreparedData, fold: int, folds: int, parent_id: str,
-                name: str) -> str:
+                name: str, on_epoch_end: Callable[[EpochResult], None] | None = None) -> str:
     log.info("fold %d of %d", fold + 1, folds)
     runtime = dataclasses.replace(config.runtime, run_name=f"{name}-fold{fold + 1}")
-    hooks = RunHooks(nested=True, tags={FOLD_TAG: str(fold), PARENT_TAG: parent_id})
+    hooks = RunHooks(nested=True, tags={FOLD_TAG: str(fold), PARENT_TAG: parent_id},
+                     on_epoch_end=on_epoch_end)
     return train(dataclasses.replace(config, runtime=runtime), data=data, hooks=hooks).run_id
 
 

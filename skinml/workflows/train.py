@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -23,14 +24,25 @@ from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_m
 from skinml.evaluation.scoring import score_split, subgroup_attributes
 from skinml.models import build_model
 from skinml.tracking.logged_model import model_meta
-from skinml.tracking.reader import artifact_names, epochs_logged, logged_config, resumable
-from skinml.tracking.writer import RunLog, training_run
+from skinml.tracking.reader import (
+    artifact_names,
+    epochs_logged,
+    logged_config,
+    resumable,
+    run_metrics,
+)
+from skinml.tracking.writer import RunLog, reopened_run, training_run
 from skinml.training.balance import build_loss
 from skinml.training.checkpoint import (
+    Candidate,
     Checkpoint,
     TrainingState,
+    candidate_path,
     checkpoint_config,
     checkpoint_path,
+    load_candidate,
+    remove_candidate,
+    save_candidate,
 )
 from skinml.training.choices import build_run_config
 from skinml.training.device import precision_for, resolve_device, seed_everything
@@ -54,7 +66,13 @@ from skinml.training.recipe import (
     preprocess_of,
     steps_per_epoch,
 )
-from skinml.workflows.prepared import PreparedData, SplitBatches, prepare_data, split_batches
+from skinml.workflows.prepared import (
+    PreparedData,
+    SplitBatches,
+    batches_for,
+    prepare_data,
+    split_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +94,11 @@ class RunHooks:
     tags: dict[str, str] = field(default_factory=dict)
     on_epoch_end: Callable[[EpochResult], None] | None = None
     on_run_start: Callable[[str], None] | None = None  # gets the MLflow run id
+    parent_run_id: str | None = None  # nest under this run (a study's, from a worker process)
+    # A tuning trial logs what choosing reads (epochs, validation with its interval) and
+    # keeps its best-epoch weights as a candidate file; the study logs the model, test
+    # scores and figures of the trial that turns out best (`log_candidate`).
+    defer_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,7 +136,8 @@ def train(config: Config, resume_run_id: str | None = None, *,
             outcome = fit(recipe.model, recipe.tools, sets.train, sets.val,
                           LoopSettings.from_config(config), checkpoint, state=state,
                           on_epoch_end=_epoch_callback(run, hooks), cluster=cluster)
-            result = _finish(recipe.model, outcome, config, data, sets, run, run_id, cluster)
+            result = _finish(recipe.model, outcome, config, data, sets, run, run_id, cluster,
+                             hooks.defer_model)
         if cluster.is_main and not config.runtime.keep_checkpoint:
             checkpoint.remove()  # finished; killed and failed runs never get here
         return result
@@ -160,9 +184,10 @@ def _epoch_callback(run: RunLog | None, hooks: RunHooks
 
 
 def _finish(model: nn.Module, outcome: FitResult, config: Config, data: PreparedData,
-            sets: SplitBatches, run: RunLog | None, run_id: str, cluster: Cluster
-            ) -> TrainResult:
-    """The best epoch's weights: calibrated on validation, logged, scored on the test split."""
+            sets: SplitBatches, run: RunLog | None, run_id: str, cluster: Cluster,
+            defer_model: bool = False) -> TrainResult:
+    """The best epoch's weights: calibrated on validation, logged, scored on the test split
+    (a deferred run keeps them as its candidate instead: see `RunHooks.defer_model`)."""
     model.load_state_dict(outcome.best_weights)
     transform = preprocess_of(config).eval_transform().to(sets.test.device)
     # Temperature scaling is fitted on validation, never on the test split it is judged on.
@@ -172,11 +197,31 @@ def _finish(model: nn.Module, outcome: FitResult, config: Config, data: Prepared
     if warning and run is not None:
         log.warning("%s", warning)
         run.log_text(warning + "\n", "calibration_warning.txt")
+    selection = {"best_epoch": outcome.best_epoch,
+                 "best_val_balanced_accuracy": outcome.best_score,
+                 **_val_interval(val, data, config)}
+    if defer_model:
+        if run is not None:
+            save_candidate(candidate_path(config, run_id), Candidate(
+                outcome.best_weights, temperature, config.to_dict(), outcome.best_epoch))
+            # At the last epoch's step, not step 0: a model logged later links every step-0
+            # metric of its run, and MLflow would write these a second time.
+            run.log_metrics(selection, step=max(outcome.epochs_run, 1))
+        return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score, {})
     output = predict_split(model, sets.test, transform, cluster=cluster)
     if run is None:
         return TrainResult(run_id, "", outcome.best_epoch, outcome.best_score,
                            compute_metrics(output.labels, output.probs))
-    model_uri = _log_model(run, model, data, config, temperature)  # before its metrics
+    model_uri, test = _log_results(run, model, config, data, output, temperature)
+    run.log_summary(selection)
+    return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+
+
+def _log_results(run: RunLog, model: nn.Module, config: Config, data: PreparedData,
+                 output: Predictions, temperature: float) -> tuple[str, dict[str, float]]:
+    """The model (logged before the run's final metrics), then the test split's scores,
+    figures and reports. (model URI, test metrics)."""
+    model_uri = _log_model(run, model, data, config, temperature)
     rows = data.rows("test")
     scored = score_split("test", output.labels, output.probs, temperature,
                          groups=rows["lesion_id"].to_numpy(),
@@ -185,10 +230,34 @@ def _finish(model: nn.Module, outcome: FitResult, config: Config, data: Prepared
     test = run.log_scored_split(scored)
     log.info("test balanced accuracy %.4f (%d images), temperature %.2f",
              test["balanced_accuracy"], len(output.labels), temperature)
-    run.log_summary({"best_epoch": outcome.best_epoch,
-                     "best_val_balanced_accuracy": outcome.best_score,
-                     **_val_interval(val, data, config)})
-    return TrainResult(run_id, model_uri, outcome.best_epoch, outcome.best_score, test)
+    return model_uri, test
+
+
+def log_candidate(run_id: str, path: Path, data: PreparedData | None = None) -> TrainResult:
+    """Log a deferred run's model from its candidate file, with the test scores and figures
+    the run would have logged itself, then remove the file.
+
+    The weights are exactly those the run was judged on, and the temperature the one it
+    fitted on validation: the logged model is the run's as if it had never been deferred.
+    """
+    candidate = load_candidate(path)
+    config = build_run_config(candidate.config, source=str(path))
+    if data is None or data.config != config.data:
+        data = prepare_data(config)
+    device = resolve_device(config.runtime.device)
+    model = build_model(config.model).to(device, memory_format=memory_format(
+        config.runtime.channels_last))
+    model.load_state_dict(candidate.weights)
+    test = batches_for(data, "test", config.runtime.eval_batch_size, device,
+                       clinical=config.model.metadata != "none")
+    output = predict_split(model, test, preprocess_of(config).eval_transform().to(device))
+    with reopened_run(run_id) as run:
+        model_uri, scores = _log_results(run, model, config, data, output,
+                                         candidate.temperature)
+    remove_candidate(path)
+    metrics = run_metrics(run_id)
+    return TrainResult(run_id, model_uri, candidate.best_epoch,
+                       metrics.get("best_val_balanced_accuracy", float("nan")), scores)
 
 
 def _val_interval(val: Predictions, data: PreparedData, config: Config) -> dict[str, float]:
@@ -221,7 +290,7 @@ def _logging_run(config: Config, hooks: RunHooks, resume_run_id: str | None,
     if not cluster.is_main:
         return contextlib.nullcontext()
     return training_run(config, _run_name(config), resume_run_id, nested=hooks.nested,
-                        tags=hooks.tags)
+                        tags=hooks.tags, parent_run_id=hooks.parent_run_id)
 
 
 def _log_inputs(run: RunLog | None, hooks: RunHooks, config: Config, data: PreparedData,

@@ -19,7 +19,8 @@ from ..conftest import cuda_test, skinml_in_process
 
 STEPS = ["data: synthetic folder", "loader: ours vs seed path", "train step: eager",
          "train step: torch.compile", "fp16 + GradScaler", "skinml train via MLflow",
-         "resume from checkpoint", "serving: in-process and REST", "DDP: 2 processes, NCCL"]
+         "resume from checkpoint", "serving: in-process and REST", "tuning: 1 vs N workers",
+         "DDP: 2 processes, NCCL"]
 
 
 @pytest.mark.slow
@@ -43,7 +44,7 @@ def test_bench_gpu_on_the_cpu_runs_every_step(tmp_path):
     assert [line.split("  ")[0] for line in printed] == STEPS, done.stdout
     assert rows["loader: ours vs seed path"]["figure"] in printed[1]
     assert "INFO: epoch 1/2  train_loss" in done.stderr
-    assert f"INFO: bench gpu step 9/9, {STEPS[-1]}: skipped in" in done.stderr
+    assert f"INFO: bench gpu step 10/10, {STEPS[-1]}: skipped in" in done.stderr
     compiled = rows["train step: torch.compile"]["values"]
     assert compiled["compile"] == "True" and compiled["warmup_seconds"] > 0
     assert compiled["compile_backend"] == "aot_eager"  # --quick on the CPU: no C++ codegen
@@ -54,6 +55,9 @@ def test_bench_gpu_on_the_cpu_runs_every_step(tmp_path):
     serving = rows["serving: in-process and REST"]["values"]
     assert serving["rest_p50_ms"] > 0 and serving["in_process_images_per_second"] > 0
     assert serving["in_process_gpu_decode_images_per_second"] is None  # measured on CUDA only
+    tuning = rows["tuning: 1 vs N workers"]["values"]
+    assert tuning["workers"] == 2 and tuning["trials_per_hour_1"] > 0
+    assert tuning["trials_per_hour_n"] > 0 and tuning["outside_epochs_median_n"] > 0
     assert not list(tmp_path.glob("mlflow.db"))  # nothing written outside --work-dir
 
 

@@ -28,6 +28,8 @@ def test_bench_defaults_to_the_demo_config_on_a_cpu_and_checks_concurrency_first
     (["bench", "serve", "--workers", "0"], "at least one count >= 1"),
     (["bench", "spark", "--images", "10"], "10 is not in the range x>=64"),
     (["bench", "predict", "--images", "10"], "10 is not in the range x>=64"),
+    (["bench", "tune", "--workers", "0"], "at least one count >= 1"),
+    (["bench", "tune", "--trials", "1"], "1 is not in the range x>=2"),
 ])
 def test_option_mistakes_of_bench_are_exit_2_before_any_work(args, reason):
     result = CliRunner().invoke(main, args)
@@ -51,6 +53,21 @@ def test_bench_prints_its_table_alone_to_stdout_after_the_work(make_folder, args
     assert len(rows) == 2 and all(" images/s  " in row for row in rows), result.stdout
     assert result.stderr.splitlines()[0] == notice
     assert "WARNING: ignored 1 image files in" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_tune_prints_trials_per_hour_and_time_outside_epochs(make_folder, tmp_path):
+    folder = make_folder()
+    result = skinml_in_process("bench", "tune", "--trials", "2", "--epochs", "1",
+                               "--workers", "1", "--work-dir", str(tmp_path / "work"),
+                               *_tiny_sets(folder))
+    assert result.returncode == 0, result.stderr
+    machine, header, row = result.stdout.splitlines()
+    assert machine.startswith("machine: ") and "trials/hour" in header
+    workers, per_hour, ratio, *_ = row.split()
+    assert workers == "1" and float(per_hour) > 0 and ratio == "1.00x"
+    # each count is a study in a store of its own, under --work-dir
+    assert (tmp_path / "work" / "workers-1" / "mlflow.db").is_file()
 
 
 def test_bench_train_on_a_split_smaller_than_a_batch_is_one_error_line(make_folder):

@@ -8,10 +8,13 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from skinml.core.labels import CLASSES
 from skinml.evaluation.metrics import (
+    balanced_accuracy,
     classification_report,
     compute_metrics,
     confusion,
+    macro_auc,
     per_class_metrics,
+    predictions,
 )
 
 rng = np.random.default_rng(0)
@@ -26,6 +29,25 @@ def test_balanced_accuracy_is_mean_recall():
     assert scores["balanced_accuracy"] == pytest.approx(
         balanced_accuracy_score(LABELS, PROBS.argmax(1)))
     assert scores["auc"] == pytest.approx(roc_auc_score(LABELS, PROBS, multi_class="ovr"))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_bootstraps_balanced_accuracy_and_auc_equal_sklearns(seed):
+    """What the lesion bootstrap calls a thousand times an interval, computed with bincounts
+    and ranks: the same numbers as sklearn's, with ties and absent classes."""
+    draw = np.random.default_rng(seed)
+    n = int(draw.integers(5, 300))
+    labels = draw.integers(0, 7 if seed % 2 else 4, n)
+    probs = draw.dirichlet(np.ones(7), n)
+    if seed % 3 == 0:
+        probs = np.round(probs, 1)  # ties, in the argmax and in the ranks
+    present = np.unique(labels)
+    recall = [np.mean(predictions(probs)[labels == c] == c) for c in present]
+    assert balanced_accuracy(labels, probs) == pytest.approx(np.mean(recall), abs=1e-12)
+    aucs = [roc_auc_score(labels == c, probs[:, c]) for c in present
+            if 0 < (labels == c).sum() < n]
+    if aucs:
+        assert macro_auc(labels, probs) == pytest.approx(np.mean(aucs), abs=1e-12)
 
 
 def test_absent_class_gives_nan_not_a_crash():

@@ -37,6 +37,10 @@ class TuneOptions:
     heartbeat_interval: int = 10
     grace_period: int = 60
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    # "best": trials log what choosing reads, the best trial (and the verdict's baseline)
+    # get their model, test scores and figures; "all": every trial logs them all.
+    log_models: str = "best"
+    workers: int = 1  # processes on this machine, each running trials of the study
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ OBJECTIVES = {
 }
 
 OBJECTIVE = "validation balanced accuracy"  # what a trial returns, named on the figures
+LOG_MODELS = ("best", "all")  # which trials log their model, test scores and figures
 
 
 def pruner_name(options: TuneOptions) -> str:
@@ -112,6 +117,11 @@ def check_options(options: TuneOptions) -> None:
                           f"got {options.objective!r}")
     if options.objective == "cv" and options.folds < 2:
         raise SkinmlError(f"--folds must be at least 2, got {options.folds}")
+    if options.log_models not in LOG_MODELS:
+        raise SkinmlError(f"--log-models must be one of {', '.join(LOG_MODELS)}, "
+                          f"got {options.log_models!r}")
+    if options.workers < 1:
+        raise SkinmlError(f"--workers must be at least 1, got {options.workers}")
     for name, value, registry in (("sampler", options.sampler, SAMPLERS),
                                   ("pruner", pruner_name(options), PRUNERS)):
         if value not in registry:
@@ -138,7 +148,8 @@ def logged_options(options: TuneOptions) -> dict[str, Any]:
             "folds": options.folds if options.objective == "cv" else None,
             "timeout": options.timeout, "sampler": options.sampler,
             "pruner": pruner_name(options), "pruner_warmup": pruner_warmup(options),
-            "seed": options.seed,
+            "seed": options.seed, "log_models": options.log_models,
+            "workers": options.workers,
             "search_space": str(options.search_space), "config": str(options.config)}
 
 

@@ -1,19 +1,20 @@
-"""`skinml tune`: an Optuna study over training runs, one worker's part of it.
+"""`skinml tune`: an Optuna study over training runs, one machine's part of it.
 
-Each worker process is one parent MLflow run, each trial a nested child (with `objective
-cv`, a cross-validation parent with its folds nested below it). Many workers share one study
-through its storage (`workers.py`). At the end a worker logs the study's summary and
-figures, and its verdict: the best trial against the base config (`verdict.py`).
+Each `skinml tune` is one parent MLflow run, each trial a nested child (with `objective
+cv`, a cross-validation parent with its folds nested below it); its trials run in this
+process, or in `--workers N` processes (`pool.py`). Many machines share one study through
+its storage (`workers.py`). A trial logs what choosing reads; at the end the best trial gets
+its model, test scores and figures (`candidates.py`), and the study's summary, figures and
+verdict are logged: the best trial against the base config (`verdict.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
+from dataclasses import dataclass
+from datetime import datetime
 
-import numpy as np
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from skinml.core.config import Config, shipped_or_path
@@ -21,29 +22,26 @@ from skinml.core.errors import SkinmlError
 from skinml.data.split import assign_folds
 from skinml.evaluation import reports
 from skinml.tracking import reader
-from skinml.tracking.retry import is_create_race, retry_create_race
 from skinml.tracking.writer import log_study_summary, log_verdict, study_run
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import PreparedData, prepare_data
 from skinml.workflows.registry import GateOptions, register_run
+from skinml.workflows.tuning.candidates import drop_beaten, log_best_model
 from skinml.workflows.tuning.figures import study_figures
 from skinml.workflows.tuning.options import (
     OBJECTIVES,
-    PRUNERS,
-    SAMPLERS,
     TuneOptions,
     TuneResult,
     check_options,
     logged_options,
     masked,
     objective_name,
-    pruner_name,
 )
+from skinml.workflows.tuning.pool import run_workers
 from skinml.workflows.tuning.search_space import load_search_space
-from skinml.workflows.tuning.storage import HeartbeatStorage
-from skinml.workflows.tuning.trials import RUN_ID_ATTR
+from skinml.workflows.tuning.trials import EPOCHS_ATTR, OUTSIDE_ATTR, RUN_ID_ATTR, best_trial
 from skinml.workflows.tuning.verdict import judge_best
-from skinml.workflows.tuning.workers import Objective, optimize
+from skinml.workflows.tuning.workers import Objective, open_study, optimize
 
 log = logging.getLogger(__name__)
 
@@ -64,64 +62,21 @@ def tune(options: TuneOptions) -> TuneResult:
         if _complete(study) >= options.n_trials:
             log.info("study %s already has %d complete trials", options.study_name,
                      _complete(study))
+        elif options.workers > 1:
+            run_workers(study, options, base, parent)
         else:
-            optimize(study, Objective(study, options, space, data), options)
+            optimize(study, Objective(study, options, space, data, base, parent), options)
         result = _summarise(study, options, parent, base, data)
     return result
-
-
-def open_study(options: TuneOptions, attempts: int = 5) -> optuna.Study:
-    """Create or load (resume) the study; heartbeats fail and retry a dead worker's trial.
-
-    Workers started together on a fresh database race to create Optuna's tables
-    (`skinml.tracking.retry`).
-    """
-    check_options(options)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return retry_create_race(lambda: _open_study(options),
-                             f"the tables of {masked(options.storage)}", attempts)
-
-
-def _open_study(options: TuneOptions) -> optuna.Study:
-    try:
-        storage = HeartbeatStorage(
-            options.storage, heartbeat_interval=options.heartbeat_interval,
-            grace_period=options.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
-        study = optuna.create_study(storage=storage, study_name=options.study_name,
-                                    direction="maximize", load_if_exists=True,
-                                    sampler=SAMPLERS[options.sampler](options.seed),
-                                    pruner=PRUNERS[pruner_name(options)](options))
-        study.sampler = SAMPLERS[options.sampler](sampler_seed(options.seed, study))
-        return study
-    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
-        raise SkinmlError(f"cannot open study {options.study_name!r} at "
-                          f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # SQLAlchemy connection errors and the like
-        if type(exc).__module__.startswith("sqlalchemy") and not is_create_race(exc):
-            raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
-                              f"{str(exc).splitlines()[0]}") from None
-        raise
-
-
-def sampler_seed(seed: int, study: optuna.Study) -> int:
-    """`seed` on a new study; on a resumed one, `seed` mixed with its trial count.
-
-    A sampler seeded alike on every resume would propose trial 0's parameters again (TPE's
-    first trials are random draws from the seed alone), so each resume draws fresh points
-    and a study stays reproducible from its history.
-    """
-    trials = len(study.get_trials(deepcopy=False))
-    if trials == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
 
 
 def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Config,
                data: PreparedData) -> TuneResult:
     counts = {name: sum(t.state == state for t in study.get_trials(deepcopy=False))
               for state, name in _STATE_NAMES.items()}
-    best = _best_trial(study)
+    best = best_trial(study)
+    has_model = best is not None and log_best_model(study, base, data)
+    drop_beaten(study, base)
     figures = study_figures(study, objective_name(options), OBJECTIVES[options.objective].step)
     intervals = _trial_intervals(study, options)
     if intervals is not None:
@@ -132,11 +87,11 @@ def _summarise(study: optuna.Study, options: TuneOptions, parent: str, base: Con
                       figures, str(shipped_or_path(options.search_space)),
                       _pruned_epochs_saved(study, options, base.optim.epochs))
     verdict = (judge_best(best, options, base, data)
-               if best is not None and options.verdict else None)
+               if best is not None and has_model and options.verdict else None)
     if verdict is not None:  # the CLI prints its line; logged here too it showed twice
         log_verdict(verdict.line(), verdict.delta, verdict.comparison.line())
     registration = None
-    if best is not None and options.register_best:
+    if best is not None and has_model and options.register_best:
         registration = register_run(best.user_attrs[RUN_ID_ATTR],
                                     gate=GateOptions(gate_data=options.gate_data)).summary()
     return TuneResult(options.study_name, parent, best.value if best else None,
@@ -178,12 +133,6 @@ def _trial_intervals(study: optuna.Study, options: TuneOptions
     return list(names), list(values), list(lows), list(highs)
 
 
-def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if RUN_ID_ATTR in t.user_attrs]
-    return max(complete, key=lambda t: t.value) if complete else None
-
-
 def best_run_id(study_name: str, storage: str) -> str:
     """The MLflow run of a study's best complete trial (for `skinml register --study`)."""
     try:
@@ -191,10 +140,31 @@ def best_run_id(study_name: str, storage: str) -> str:
     except (KeyError, ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
         raise SkinmlError(f"cannot load study {study_name!r} from {masked(storage)}: "
                           f"{str(exc).splitlines()[0]}") from None
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is None:
         raise SkinmlError(f"study {study_name!r} has no complete trial with a run")
     return best.user_attrs[RUN_ID_ATTR]
+
+
+@dataclass(frozen=True)
+class TrialTiming:
+    """Where a COMPLETE trial's time went (for `skinml bench tune`)."""
+
+    number: int
+    started: datetime
+    finished: datetime
+    seconds_in_epochs: float
+    seconds_outside_epochs: float
+
+
+def trial_timings(study_name: str, storage: str) -> list[TrialTiming]:
+    """The COMPLETE trials of a study, in the order they finished."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    timings = [TrialTiming(t.number, t.datetime_start, t.datetime_complete,
+                           t.user_attrs.get(EPOCHS_ATTR, float("nan")),
+                           t.user_attrs.get(OUTSIDE_ATTR, float("nan")))
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return sorted(timings, key=lambda t: t.finished)
 
 
 def _complete(study: optuna.Study) -> int:

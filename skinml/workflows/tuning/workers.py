@@ -1,29 +1,103 @@
 """A tuning worker: one of many processes or machines sharing a study through its storage.
 
-`n_trials` counts the study's COMPLETE trials over all workers, so a worker whose trial would
-go past it waits for a running trial to finish (or to be failed by the heartbeat and
-retried, or for its own --timeout) instead of starting a surplus one; and a worker another
-worker declared dead (it stalled past --grace-period) says so and takes the next trial.
+Each worker opens the study (`open_study`), then takes trials until the study has its
+`n_trials` COMPLETE trials over all workers: a worker whose trial would go past it waits for
+a running trial to finish (or to be failed by the heartbeat and retried, or for its own
+--timeout) instead of starting a surplus one; and a worker another worker declared dead (it
+stalled past --grace-period) says so and takes the next trial. After each trial the
+candidates it beat are dropped (`candidates.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Iterator
+import warnings
 
+import numpy as np
 import optuna
-from optuna.storages import fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
+from skinml.core.config import Config
 from skinml.core.errors import SkinmlError
+from skinml.tracking.retry import is_create_race, retry_create_race
 from skinml.workflows.prepared import PreparedData
-from skinml.workflows.tuning.options import TuneOptions, max_trials
+from skinml.workflows.tuning.candidates import drop_beaten
+from skinml.workflows.tuning.options import (
+    PRUNERS,
+    SAMPLERS,
+    TuneOptions,
+    check_options,
+    masked,
+    max_trials,
+    pruner_name,
+)
 from skinml.workflows.tuning.search_space import Dimension
+from skinml.workflows.tuning.storage import HeartbeatStorage
+from skinml.workflows.tuning.trial_logs import quiet_stops
 from skinml.workflows.tuning.trials import run_trial
 
 log = logging.getLogger(__name__)
+
+WORKER_ATTR = "skinml.worker"  # the user attribute naming the process that runs a trial
+
+
+def worker_tag(pid: int | None = None) -> str:
+    """Who runs a trial: this machine and the process id (this process by default)."""
+    return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def open_study(options: TuneOptions, attempts: int = 5, worker: int = 0) -> optuna.Study:
+    """Create or load (resume) the study; heartbeats fail and retry a dead worker's trial.
+
+    Workers started together on a fresh database race to create Optuna's tables
+    (`skinml.tracking.retry`). `worker` (0, 1, ... of one `skinml tune --workers N`) seeds
+    each worker's sampler apart, so workers started together propose different points.
+    """
+    check_options(options)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return retry_create_race(lambda: _open_study(options, worker),
+                             f"the tables of {masked(options.storage)}", attempts)
+
+
+def _open_study(options: TuneOptions, worker: int) -> optuna.Study:
+    try:
+        storage = HeartbeatStorage(
+            options.storage, heartbeat_interval=options.heartbeat_interval,
+            grace_period=options.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        study = optuna.create_study(storage=storage, study_name=options.study_name,
+                                    direction="maximize", load_if_exists=True,
+                                    sampler=SAMPLERS[options.sampler](options.seed),
+                                    pruner=PRUNERS[pruner_name(options)](options))
+        study.sampler = SAMPLERS[options.sampler](sampler_seed(options.seed, study, worker))
+        return study
+    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
+        raise SkinmlError(f"cannot open study {options.study_name!r} at "
+                          f"{masked(options.storage)}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # SQLAlchemy connection errors and the like
+        if type(exc).__module__.startswith("sqlalchemy") and not is_create_race(exc):
+            raise SkinmlError(f"cannot open study storage {masked(options.storage)}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        raise
+
+
+def sampler_seed(seed: int, study: optuna.Study, worker: int = 0) -> int:
+    """`seed` on a new study (worker 0); on a resumed one, or for another worker, `seed`
+    mixed with its trial count and the worker's number.
+
+    A sampler seeded alike on every resume would propose trial 0's parameters again (TPE's
+    first trials are random draws from the seed alone), so each resume draws fresh points
+    and a study stays reproducible from its history.
+    """
+    trials = len(study.get_trials(deepcopy=False))
+    if trials == 0 and worker == 0:
+        return seed
+    entropy = [seed, trials] if worker == 0 else [seed, trials, worker]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def optimize(study: optuna.Study, objective: Objective, options: TuneOptions) -> None:
@@ -36,16 +110,19 @@ def optimize(study: optuna.Study, objective: Objective, options: TuneOptions) ->
     """
     if options.timeout is not None:
         objective.deadline = time.monotonic() + options.timeout
+    # Optuna's lines in skinml's format (and a worker's prefix), not its own handler's.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
     while True:
         try:
-            with _quiet_about(objective):
+            with quiet_stops():
                 study.optimize(objective, n_trials=None, timeout=objective.seconds_left(),
                                gc_after_trial=True, catch=(SkinmlError,),
                                callbacks=[optuna.study.MaxTrialsCallback(
                                    options.n_trials, states=(TrialState.COMPLETE,)),
                                    optuna.study.MaxTrialsCallback(max_trials(options),
                                                                   states=None),
-                                   objective.wait_for_room])
+                                   objective.drop_beaten, objective.wait_for_room])
             return
         except ValueError:
             if objective.declared_dead is None:
@@ -57,22 +134,6 @@ def optimize(study: optuna.Study, objective: Objective, options: TuneOptions) ->
             objective.declared_dead = None
 
 
-@contextlib.contextmanager
-def _quiet_about(objective: Objective) -> Iterator[None]:
-    """Without Optuna's traceback for a trial declared dead: `optimize` says it in one line."""
-    logger = logging.getLogger("optuna.study._optimize")
-
-    def keep(record: logging.LogRecord) -> bool:
-        number = objective.declared_dead
-        return number is None or not record.getMessage().startswith(f"Trial {number} failed")
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
-
-
 class Objective:
     """What `study.optimize` calls for each trial: wait for a slot, then run the trial.
 
@@ -81,8 +142,11 @@ class Objective:
     """
 
     def __init__(self, study: optuna.Study, options: TuneOptions,
-                 space: tuple[Dimension, ...], data: PreparedData) -> None:
+                 space: tuple[Dimension, ...], data: PreparedData, base: Config,
+                 parent_run_id: str | None = None) -> None:
         self.study, self.options, self.space, self.data = study, options, space, data
+        self.base = base  # the study's base config: where candidates are kept
+        self.parent_run_id = parent_run_id  # the study run the trials nest under
         self.declared_dead: int | None = None  # this worker's trial that another one failed
         self.deadline: float | None = None  # time.monotonic() at which --timeout runs out
 
@@ -95,8 +159,13 @@ class Objective:
             raise
 
     def _trial(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_tag())
         self._wait_for_slot(trial)
-        return run_trial(trial, self.options, self.space, self.data)
+        return run_trial(trial, self.options, self.space, self.data, self.parent_run_id)
+
+    def drop_beaten(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        """After a trial: only the best trial's candidate stays (the trial's own, if it won)."""
+        drop_beaten(study, self.base)
 
     def wait_for_room(self, study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
         """After a trial: ask for another only if running trials leave room below n_trials.

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from skinml.workflows.tuning.storage import PRIVATE_API_OF, missing_private_api
-from skinml.workflows.tuning.study import open_study
+from skinml.workflows.tuning.workers import open_study
 
 from .conftest import tune_in_thread, tuning_options
 

@@ -10,28 +10,35 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from skinml.core.labels import CLASSES
 from skinml.data.cache import cache_root
+from skinml.training.checkpoint import CANDIDATE_FILE
+from skinml.training.choices import load_run_config
+from skinml.workflows.prepared import prepare_data
+from skinml.workflows.registry import register_run
 from skinml.workflows.tuning import trials
-from skinml.workflows.tuning.study import open_study, tune
-from skinml.workflows.tuning.trials import RUN_ID_ATTR
+from skinml.workflows.tuning.search_space import load_search_space
+from skinml.workflows.tuning.study import tune
+from skinml.workflows.tuning.trials import OUTSIDE_ATTR, RUN_ID_ATTR
+from skinml.workflows.tuning.workers import Objective, open_study, optimize
 
-from ...conftest import REPO, skinml, skinml_in_process, tiny
+from ...conftest import REPO, Store, b64, post_json, served, skinml, skinml_in_process, tiny
 from .conftest import runs_of, tuning_options
 
 
 @pytest.mark.slow
 def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, synthetic,
                                                          caplog):
-    result = tune(tuning_options(tmp_path, synthetic, verdict=True))
-    # the verdict is the CLI's line to print (`result.verdict`); logged too, it showed twice
+    result = tune(tuning_options(tmp_path, synthetic, n_trials=3, verdict=True))
+    # the verdict is the CLI's line to print (`result.verdict`); logged here too it showed twice
     assert not [r for r in caplog.records if "vs base config" in r.getMessage()]
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     (parent,), children = runs_of("study")
     assert parent.info.run_id == result.parent_run_id and parent.info.run_name == "study"
     assert parent.data.tags["optuna.storage"].startswith("sqlite:///")
-    assert len(children) == 4
+    assert len(children) == 3
     by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
     for trial in trials:
         child = by_number[trial.number]
@@ -42,24 +49,39 @@ def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, sy
         assert child.data.params["augment.rotation"] == str(trial.params["augment.rotation"])
         assert child.data.params["balance.strategy"] == trial.params["balance.strategy"]
         assert child.data.metrics["val_balanced_accuracy"] is not None
-        assert "test_balanced_accuracy" in child.data.metrics
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
-    assert {"optimization_history.png", "parallel_coordinate.png", "intermediate_values.png",
-            "param_importances.png", "best_params.json", "trial_intervals.png"} <= artifacts
-    for child in children:  # every trial's value carries its lesion-bootstrap interval
+        # every trial's value carries its lesion-bootstrap interval, and its time outside
+        # its epochs (in the UI, and on the trial)
         m = child.data.metrics
         assert m["best_val_balanced_accuracy_ci_low"] <= m["best_val_balanced_accuracy"] <= \
             m["best_val_balanced_accuracy_ci_high"]
+        assert m["trial_seconds_outside_epochs"] == pytest.approx(
+            trial.user_attrs[OUTSIDE_ATTR]) and trial.user_attrs[OUTSIDE_ATTR] > 0
+        # a model, test scores and figures for the best trial only
+        best = trial.number == study.best_trial.number
+        assert bool(child.outputs.model_outputs) == best
+        assert ("test_balanced_accuracy" in m) == best
+        files = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
+        assert ("confusion_matrix.png" in files) == best
+        assert {"config.yaml", "split.csv"} <= files
+    best_run = by_number[study.best_trial.number]
+    assert best_run.data.metrics["best_val_balanced_accuracy"] == pytest.approx(study.best_value)
+    # logged later, the model is still the run's own: started and ended when it trained
+    assert best_run.info.end_time < mlflow.get_run(result.parent_run_id).info.end_time
+    assert list((cache_root() / "checkpoints").glob("*/*.pt")) == []  # no candidate is left
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png", "intermediate_values.png",
+            "param_importances.png", "best_params.json", "trial_intervals.png"} <= artifacts
     finished = mlflow.get_run(parent.info.run_id)
     assert finished.data.metrics["best_val_balanced_accuracy"] == pytest.approx(
         study.best_value)
-    assert finished.data.metrics["trials_complete"] == 4
-    # the verdict: the base config trained once more, compared on the shared test split
+    assert finished.data.metrics["trials_complete"] == 3
+    # the verdict: the base config trained once more (with its model), compared on the
+    # shared test split
     runs = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list",
                               filter_string="tags.`skinml.role` = 'baseline'")
     (baseline,) = [r for r in runs if r.data.tags["optuna.study_name"] == "study"]
     assert baseline.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert baseline.info.status == "FINISHED"
+    assert baseline.info.status == "FINISHED" and baseline.outputs.model_outputs
     verdict = finished.data.tags["skinml.verdict"]
     assert verdict == result.verdict
     assert verdict.startswith(f"best trial {study.best_trial.number} vs base config: "
@@ -68,6 +90,45 @@ def test_a_study_is_one_parent_run_with_a_child_per_trial(tracking, tmp_path, sy
     assert m["verdict_delta_balanced_accuracy_ci_low"] <= m["verdict_delta_balanced_accuracy"] \
         <= m["verdict_delta_balanced_accuracy_ci_high"]
     assert "verdict.txt" in artifacts
+
+
+@pytest.mark.slow
+def test_log_models_all_logs_every_trials_model_and_test_scores(tracking, tmp_path, synthetic):
+    tune(tuning_options(tmp_path, synthetic, n_trials=2, log_models="all"))
+    _, children = runs_of("study")
+    assert len(children) == 2
+    for child in children:
+        assert child.outputs.model_outputs and "test_balanced_accuracy" in child.data.metrics
+
+
+@pytest.mark.slow
+def test_a_study_that_stopped_before_its_end_logs_the_best_model_when_continued(
+        tracking, tmp_path, synthetic):
+    """The workers' part ran (the process was killed before the study's end): the best
+    trial's weights wait as its candidate; the command run again logs its model, which
+    registers and serves."""
+    options = tuning_options(tmp_path, synthetic, n_trials=2)
+    base = load_run_config(options.config, options.overrides)
+    study = open_study(options)
+    data = prepare_data(base)
+    optimize(study, Objective(study, options, load_search_space(options.search_space), data,
+                              base), options)
+    best = study.best_trial
+    candidates = list((cache_root() / "checkpoints").glob(f"*/{CANDIDATE_FILE}"))
+    assert [c.parent.name for c in candidates] == [best.user_attrs[RUN_ID_ATTR]]
+    assert not mlflow.get_run(best.user_attrs[RUN_ID_ATTR]).outputs.model_outputs
+
+    result = tune(options)  # the same command again: the study is complete, its end is not
+    assert result.counts["COMPLETE"] == 2 and result.best_run_id == best.user_attrs[RUN_ID_ATTR]
+    run = mlflow.get_run(result.best_run_id)
+    assert run.outputs.model_outputs and "test_balanced_accuracy" in run.data.metrics
+    assert list((cache_root() / "checkpoints").glob("*/*.pt")) == []
+    registration = register_run(result.best_run_id)
+    store = Store(tracking, tmp_path, synthetic, [])
+    with served(f"models:/{registration.name}/{registration.version}", store) as url:
+        status, answer = post_json(f"{url}/invocations", {"dataframe_split": {
+            "columns": ["image"], "data": [[b64(next(synthetic.glob("*.jpg")))]]}})
+    assert status == 200 and answer["predictions"][0]["label"] in CLASSES
 
 
 @pytest.mark.slow
@@ -151,7 +212,7 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
 
 def test_a_study_whose_trials_are_all_pruned_stops_at_max_trials(tracking, tmp_path,
                                                                  synthetic, monkeypatch):
-    def always_prune(trial, config):
+    def always_prune(trial, config, on_epoch_seconds=None):
         def report(result):
             trial.report(result.val["balanced_accuracy"], result.epoch)
             raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")

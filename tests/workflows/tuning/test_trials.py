@@ -115,7 +115,7 @@ def test_an_interrupted_trial_stays_killed_and_leaves_no_checkpoint(tracking, tm
     config = trials.load_run_config(options.config, list(options.overrides))
     checkpoint = checkpoint_path(config, "0" * 32)
 
-    def interrupted_in_training(config, options, data, tags, trial, on_run_start):
+    def interrupted_in_training(config, options, data, tags, trial, on_run_start, **_):
         client = MlflowClient()  # a run standing in for the trial's training run
         run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
         on_run_start(run.info.run_id)

@@ -14,8 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from skinml.workflows.tuning.study import open_study
 from skinml.workflows.tuning.trials import RUN_ID_ATTR
+from skinml.workflows.tuning.workers import open_study
 
 from .conftest import running_trial, tune_in_thread, tuning_options, worker
 
