@@ -5,7 +5,8 @@ Three kinds of folder, each one safe to delete:
   prepare` or training run on the same images builds it again;
 - checkpoints, `<cache root>/checkpoints/<run_id>/` (or `runtime.checkpoint_dir`): only
   `skinml train --resume` of a killed or failed run reads one; a finished run's best weights
-  are in its logged model;
+  are in its logged model, except a tuning trial's candidate (`candidate.pt`): the weights
+  a study logs at its end if that trial is its best;
 - MLServer folders, `<cache root>/mlserver/<digest>/` (skinml/serving/mlserver.py): the next
   `skinml serve --mlserver` downloads the model again.
 
@@ -31,6 +32,7 @@ from skinml.core.errors import SkinmlError
 from skinml.data.cache import BUILD_PREFIX, IMAGES_FILE, KEY_DIGITS, cache_meta
 from skinml.tracking.reader import run_status
 from skinml.tracking.store import require_tracking_store, shown_uri
+from skinml.training.checkpoint import CANDIDATE_FILE
 
 KINDS = ("images", "checkpoints", "mlserver")
 RUNNING = "RUNNING"
@@ -57,6 +59,7 @@ class CacheEntry:
     about: str  # image frame and count, a run's status, ...
     status: str | None = None  # a checkpoint's run status; None: not in the tracking store
     building: bool = False  # an image cache not complete yet (may be a build in progress)
+    candidate: bool = False  # a trial's best-epoch weights its study may still log
 
     @property
     def name(self) -> str:
@@ -64,10 +67,11 @@ class CacheEntry:
 
     @property
     def protected(self) -> bool:
-        """Removed only with `--all`: a build in progress, and the checkpoint of a run that
-        is RUNNING or that this store does not hold (it may be running in another store)."""
+        """Removed only with `--all`: a build in progress, a study's candidate, and the
+        checkpoint of a run that is RUNNING or that this store does not hold (it may be
+        running in another store)."""
         unknown_run = self.kind == "checkpoints" and self.status is None
-        return self.status == RUNNING or unknown_run or self.building
+        return self.status == RUNNING or unknown_run or self.building or self.candidate
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ def select_for_pruning(listing: CacheListing, kinds: Iterable[str] = (),
         raise SkinmlError(f"--older-than must be at least 0 days, got {older_than_days}")
     if not kinds and older_than_days is None and not everything:
         return [entry for entry in listing.entries if entry.kind == "mlserver"
-                or (entry.kind == "checkpoints" and entry.status == FINISHED)]
+                or (entry.kind == "checkpoints" and entry.status == FINISHED
+                    and not entry.candidate)]
     chosen = kinds or set(KINDS)
     cutoff = time.time() - (older_than_days or 0) * _DAY
     return [entry for entry in listing.entries
@@ -171,7 +176,11 @@ def _checkpoints(root: Path) -> Iterator[CacheEntry]:
     where = shown_uri()
     for path in paths:
         status = statuses[path.name]
-        yield _entry("checkpoints", path, root, status or f"not in {where}", status=status)
+        about = status or f"not in {where}"
+        candidate = (path / CANDIDATE_FILE).is_file()
+        if candidate:
+            about += ", a tuning trial's weights its study logs if the trial is its best"
+        yield _entry("checkpoints", path, root, about, status=status, candidate=candidate)
 
 
 def _run_statuses(run_ids: list[str]) -> dict[str, str | None]:
@@ -194,9 +203,11 @@ def _folders(parent: Path, name: re.Pattern[str]) -> Iterator[Path]:
 
 
 def _entry(kind: str, path: Path, root: Path, about: str, *, used: float = 0.0,
-           status: str | None = None, building: bool = False) -> CacheEntry:
+           status: str | None = None, building: bool = False,
+           candidate: bool = False) -> CacheEntry:
     nbytes, newest = _size_and_mtime(path)
-    return CacheEntry(kind, path, root, nbytes, max(newest, used), about, status, building)
+    return CacheEntry(kind, path, root, nbytes, max(newest, used), about, status, building,
+                      candidate)
 
 
 def _size_and_mtime(folder: Path) -> tuple[int, float]:

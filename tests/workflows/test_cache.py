@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from skinml.core.errors import SkinmlError
 from skinml.data import load_ham10000
 from skinml.data.cache import cache_root, open_cache, prepare_cache
+from skinml.training.checkpoint import CANDIDATE_FILE
 from skinml.workflows.cache import list_cache, remove_entry, select_for_pruning
 
 STATUSES = ("FINISHED", "KILLED", "FAILED", "RUNNING")
@@ -124,6 +125,19 @@ def test_folders_skinml_did_not_name_are_neither_listed_nor_pruned(tracking):
 def test_by_default_pruning_picks_finished_runs_checkpoints_and_mlserver_folders(every_kind):
     chosen = select_for_pruning(list_cache(cache_root()))
     assert names(chosen) == {every_kind["finished"].name, every_kind["mlserver"].name}
+
+
+def test_a_tuning_trials_candidate_is_kept_until_its_study_drops_it(tracking):
+    """A finished trial's run keeps its best-epoch weights while it may be its study's best:
+    only --all prunes them."""
+    folder = checkpoint(run_in_state("FINISHED"))
+    (folder / "last.pt").rename(folder / CANDIDATE_FILE)
+    listing = list_cache(cache_root())
+    [entry] = listing.of_kind("checkpoints")
+    assert entry.candidate and entry.protected and "tuning trial" in entry.about
+    assert select_for_pruning(listing) == []
+    assert select_for_pruning(listing, ["checkpoints"]) == []
+    assert names(select_for_pruning(listing, everything=True)) == {folder.name}
 
 
 def test_a_kind_picks_all_of_it_but_running_or_unknown_runs_checkpoints_and_a_build(
