@@ -58,6 +58,21 @@ def test_mlproject_tune_takes_the_issue_parameters():
     assert tune["command"].startswith("python -m skinml tune")
 
 
+def test_every_mlproject_entry_point_passes_options_its_command_takes():
+    from skinml.cli import main
+
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    assert {"main", "tune", "cv", "pipeline", "register", "evaluate"} <= set(entry_points)
+    for name, entry in entry_points.items():
+        words = entry["command"].split()
+        command = main.commands[words[3]]
+        options = {opt for param in command.params for opt in param.opts}
+        passed = [w for w in words if w.startswith("--")]
+        assert set(passed) <= options, (name, sorted(set(passed) - options))
+        for parameter in entry["parameters"]:  # every parameter reaches the command
+            assert f"{{{parameter}}}" in entry["command"], (name, parameter)
+
+
 def test_mlproject_evaluate_mirrors_the_cli():
     evaluate = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["evaluate"]
     assert set(evaluate["parameters"]) == {"model_uri", "data_dir", "split", "truth", "tta",

@@ -17,7 +17,8 @@ import click
 from skinml.cli import bench, cache, data, models, runs
 from skinml.core.errors import SkinmlError, WorkersFailed
 
-RESUMABLE = ("train", "cv")  # commands whose interrupted run `--resume RUN_ID` continues
+# commands whose interrupted run `--resume RUN_ID` continues
+RESUMABLE = ("train", "cv", "pipeline")
 
 
 class _Cli(click.Group):

@@ -200,6 +200,59 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         click.echo(result.registration)
 
 
+@click.command()
+@click.option("--config", "config_path", default="demo", show_default=True,
+              help="Base config (a YAML path, or demo / ham10000).")
+@DATA_DIR_OPTION
+@click.option("--search-space", default="search_space", show_default=True,
+              help="YAML search space, or search_space: the shipped one.")
+@click.option("--n-trials", default="20", show_default=True, callback=blank_is_none,
+              metavar="INT", help="COMPLETE trials of the study.")
+@click.option("--folds", default="5", show_default=True, callback=blank_is_none,
+              metavar="INT", help="Lesion-grouped folds of the best configuration (>= 2).")
+@click.option("--workers", callback=blank_is_none, metavar="INT",
+              help="Trials at once on this machine (see skinml tune). [default: one per GPU, "
+                   "1 without]")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage URL of the study.")
+@click.option("--study-name", callback=blank_is_none,
+              help="[default: pipeline-<the first 8 digits of the pipeline's run id>]")
+@click.option("--name", default="skin-lesion-classifier", show_default=True,
+              help="Registered model the fold ensemble becomes a version of.")
+@GATE_DATA
+@click.option("--seed", default="0", show_default=True, callback=blank_is_none,
+              metavar="INT", help="Sampler and bootstrap seed.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Base config overrides (e.g. --set optim.epochs=15).")
+@OVERRIDES
+@click.option("--resume", "resume_run_id", callback=blank_is_none, metavar="RUN_ID",
+              help="Continue a stopped pipeline from the stage it was in (its options are "
+                   "the ones it started with).")
+def pipeline(config_path: str, data_dir: str | None, search_space: str, n_trials: str | None,
+             folds: str | None, workers: str | None, storage: str, study_name: str | None,
+             name: str, gate_data: str | None, seed: str | None, sets: tuple[str, ...],
+             overrides: str | None, resume_run_id: str | None) -> None:
+    """Tune, cross-validate the best configuration, register its fold ensemble through the
+    promotion gate, and report the three models on the same test images: one parent run."""
+    from skinml.workflows.pipeline import PipelineOptions, run_pipeline
+    from skinml.workflows.tuning.pool import default_workers
+
+    options = PipelineOptions(
+        config=config_path, overrides=tuple(run_overrides({"data_dir": data_dir},
+                                                          overrides, sets)),
+        search_space=search_space, n_trials=whole_number(n_trials, "--n-trials") or 20,
+        folds=whole_number(folds, "--folds", minimum=2) or 5,
+        workers=whole_number(workers, "--workers") or default_workers(), storage=storage,
+        study_name=study_name, name=name, gate_data=gate_data,
+        seed=whole_number(seed, "--seed", minimum=0) or 0)
+    result = run_pipeline(options, resume_run_id)
+    click.echo(f"pipeline run {result.run_id}: study run {result.tags['skinml.pipeline.study_run']}"
+               f", cross-validation run {result.tags['skinml.pipeline.cv_run']}, model "
+               f"{result.tags['skinml.pipeline.model_version']}")
+    for line in result.report.lines():
+        click.echo(line)
+
+
 def _relaunch_under_torchrun(nproc: int) -> None:
     """`skinml train --nproc N ...` -> `torchrun --nproc_per_node=N -m skinml train ...`."""
     args, skip = [], False
@@ -216,4 +269,4 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     os.execv(sys.executable, command)
 
 
-COMMANDS = (train, cv, tune)
+COMMANDS = (train, cv, tune, pipeline)

@@ -119,6 +119,12 @@ def has_logged_model(run_id: str) -> bool:
     return bool(outputs is not None and outputs.model_outputs)
 
 
+def versions_of_run(name: str, run_id: str) -> list[str]:
+    """The versions of registered model `name` made from a run's model (oldest first)."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
 def logged_models_of(run_id: str, experiment: str) -> list[LoggedModel]:
     """The models a run logged that are not deleted (any status), newest first."""
     return mlflow.search_logged_models(

@@ -24,7 +24,9 @@ def is_create_race(exc: BaseException) -> bool:
     PostgreSQL text)."""
     text = str(exc)
     return ("already exists" in text or "duplicate key" in text
-            or "UNIQUE constraint failed" in text)
+            or "UNIQUE constraint failed" in text
+            # alembic, when another process migrated the fresh database meanwhile
+            or "Online migration expected to match one row" in text)
 
 
 def retry_create_race(action: Callable[[], T], what: str, attempts: int = 5) -> T:

@@ -83,9 +83,10 @@ def store_hint(model_uri: str | None = None) -> str:
     return f" (read {uri})"
 
 
+@functools.cache
 def open_store() -> None:
-    """Touch the tracking store once, so its tables exist before any run starts (workers
-    started together on an empty database race to create them)."""
+    """Touch the tracking store once per process, so its tables exist before any run starts
+    (commands started together on an empty database race to create them)."""
     retry_create_race(lambda: MlflowClient().search_experiments(max_results=1),
                       "the tables of the tracking store")
 

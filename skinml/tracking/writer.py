@@ -117,6 +117,12 @@ class RunLog:
     def log_text(self, text: str, name: str) -> None:
         mlflow.log_text(text, name)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags on this run, also while a run nested under it is the active one."""
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, value)
+
     def log_summary(self, values: dict[str, float]) -> None:
         """Final metrics (step 0), linked to the logged model when there is one."""
         mlflow.log_metrics(_finite(values), model_id=self.model_id)
@@ -155,6 +161,7 @@ def _start_run(experiment: str, name: str, role: str, tags: dict[str, str] | Non
     (a study's or a cross-validation's covers its trials and folds).
     """
     announce_store()
+    open_store()  # commands started together on a fresh store race to create its tables
     active = mlflow.active_run()
     parent = parent_run_id or (active.info.run_id if nested and active is not None else None)
     experiment_id = None
@@ -254,14 +261,31 @@ def study_run(experiment: str, study_name: str, storage: str, options: dict[str,
 
     Under `mlflow run -e tune` the project's run is the parent.
     """
-    open_store()
     with _start_run(experiment, study_name, "study", {"optuna.study_name": study_name,
                                                       "optuna.storage": storage},
+                    nested=mlflow.active_run() is not None,  # a pipeline's stage
                     system_metrics=_system_metrics()) as run:
         logged = mlflow.get_run(run.run_id).data.params
         mlflow.log_params({f"tune.{k}": "" if v is None else v for k, v in options.items()
                            if f"tune.{k}" not in logged and k not in logged})
         yield run.run_id
+
+
+@contextlib.contextmanager
+def pipeline_run(experiment: str, name: str, resume_run_id: str | None = None
+                 ) -> Iterator[RunLog]:
+    """The parent run of `skinml pipeline`: its study, cross-validation and registration
+    nest under it (or the killed one it continues; its RUNNING children are marked KILLED:
+    their process is gone)."""
+    if resume_run_id is not None:
+        for child in MlflowClient().search_runs(
+                [MlflowClient().get_run(resume_run_id).info.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{resume_run_id}' and "
+                "attributes.status = 'RUNNING'"):
+            mark_killed(child.info.run_id)
+    with _start_run(experiment, name, "pipeline", resume_run_id=resume_run_id,
+                    system_metrics=_system_metrics()) as run:
+        yield run
 
 
 def attach_model_file(model_id: str, name: str, text: str) -> None:

@@ -25,23 +25,19 @@ from dataclasses import dataclass
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from skinml.core.config import Config
 from skinml.core.errors import SkinmlError, WorkersFailed
 from skinml.tracking.store import shown_uri, use_store
-from skinml.tracking.writer import mark_trial
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import prepare_data
 from skinml.workflows.tuning.options import TuneOptions
 from skinml.workflows.tuning.search_space import load_search_space
-from skinml.workflows.tuning.trials import RUN_ID_ATTR
 from skinml.workflows.tuning.workers import (
-    WORKER_ATTR,
     Objective,
+    fail_dead_local_trials,
     open_study,
     optimize,
-    worker_tag,
 )
 
 log = logging.getLogger(__name__)
@@ -118,25 +114,13 @@ def _wait(processes: list, study: optuna.Study) -> None:
             running.remove(process)
             if process.exitcode != 0:
                 failed.append(process)
-                _fail_trials_of(study, process.pid)
+                fail_dead_local_trials(study)  # its trial, without the heartbeat's grace
                 log.warning("%s stopped (exit code %s); its running trial failed; %d "
                             "worker(s) go on", process.name, process.exitcode, len(running))
     if failed and len(failed) == len(processes):
         codes = ", ".join(str(p.exitcode) for p in failed)
         raise WorkersFailed(f"every tuning worker stopped with an error (exit codes {codes}; "
                             "their lines above say why)")
-
-
-def _fail_trials_of(study: optuna.Study, pid: int | None) -> None:
-    """FAIL the RUNNING trials of a dead worker (and their runs), without waiting for the
-    heartbeat's grace period."""
-    tag = worker_tag(pid)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_ATTR) != tag:
-            continue
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        if RUN_ID_ATTR in trial.user_attrs:
-            mark_trial(trial.user_attrs[RUN_ID_ATTR], "FAIL")
 
 
 def _stop(processes: list) -> None:

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from skinml.core.config import Config
 from skinml.core.errors import SkinmlError
 from skinml.tracking.retry import is_create_race, retry_create_race
+from skinml.tracking.writer import mark_trial
 from skinml.workflows.prepared import PreparedData
 from skinml.workflows.tuning.candidates import drop_beaten
 from skinml.workflows.tuning.options import (
@@ -38,7 +39,7 @@ from skinml.workflows.tuning.options import (
 from skinml.workflows.tuning.search_space import Dimension
 from skinml.workflows.tuning.storage import HeartbeatStorage
 from skinml.workflows.tuning.trial_logs import quiet_stops
-from skinml.workflows.tuning.trials import run_trial
+from skinml.workflows.tuning.trials import RUN_ID_ATTR, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,36 @@ WORKER_ATTR = "skinml.worker"  # the user attribute naming the process that runs
 def worker_tag(pid: int | None = None) -> str:
     """Who runs a trial: this machine and the process id (this process by default)."""
     return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """FAIL the RUNNING trials whose worker ran on this machine and no longer exists (a
+    killed `skinml tune`), and their runs: at once, not a grace period later. Their numbers.
+    """
+    host = f"{socket.gethostname()}:"
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        tag = trial.user_attrs.get(WORKER_ATTR, "")
+        if not tag.startswith(host) or _alive(int(tag.removeprefix(host))):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        if RUN_ID_ATTR in trial.user_attrs:
+            mark_trial(trial.user_attrs[RUN_ID_ATTR], "FAIL")
+        failed.append(trial.number)
+    if failed:
+        log.info("trial(s) %s failed: their worker on this machine is gone",
+                 ", ".join(map(str, failed)))
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def open_study(options: TuneOptions, attempts: int = 5, worker: int = 0) -> optuna.Study:
@@ -110,6 +141,7 @@ def optimize(study: optuna.Study, objective: Objective, options: TuneOptions) ->
     """
     if options.timeout is not None:
         objective.deadline = time.monotonic() + options.timeout
+    fail_dead_local_trials(study)
     # Optuna's lines in skinml's format (and a worker's prefix), not its own handler's.
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
@@ -203,6 +235,7 @@ class Objective:
     def _counts(self, before: int | None) -> tuple[int, int]:
         """(COMPLETE, RUNNING) trials, RUNNING only below trial number `before` if given."""
         fail_stale_trials(self.study)
+        fail_dead_local_trials(self.study)
         trials = self.study.get_trials(deepcopy=False)
         complete = sum(t.state == TrialState.COMPLETE for t in trials)
         running = sum(t.state == TrialState.RUNNING and (before is None or t.number < before)
