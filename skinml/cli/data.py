@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from skinml.cli.options import ALLOW_MISSING, DATA_DIR_ARGUMENT
+from skinml.cli.options import ALLOW_MISSING, data_dir_argument, one_data_dir
 
 
 @click.group()
@@ -16,17 +16,18 @@ def data() -> None:
 
 
 @data.command()
-@DATA_DIR_ARGUMENT
+@data_dir_argument
 @ALLOW_MISSING
 @click.option("--decode/--no-decode", default=True, show_default=True,
               help="Decode every image fully to count corrupt files.")
-def check(data_dir: Path | None, allow_missing: bool, decode: bool) -> None:
+def check(data_dir: Path | None, data_dir_option: Path | None, allow_missing: bool,
+          decode: bool) -> None:
     """Summarise a HAM10000 folder: images, lesions and per-class counts."""
     from skinml.data.decode import find_corrupt
     from skinml.data.errors import CorruptImageError
     from skinml.data.metadata import default_data_dir, frame_from_scan, scan_folder
 
-    scan = scan_folder(data_dir or default_data_dir())
+    scan = scan_folder(one_data_dir(data_dir, data_dir_option) or default_data_dir())
     frame = frame_from_scan(scan, allow_missing=allow_missing)
     corrupt = find_corrupt(frame["path"].map(Path).tolist()) if decode else []
     if corrupt:  # the error alone: a table would count images that cannot be read
@@ -37,7 +38,7 @@ def check(data_dir: Path | None, allow_missing: bool, decode: bool) -> None:
 
 
 @data.command()
-@DATA_DIR_ARGUMENT
+@data_dir_argument
 @click.option("--size", type=click.IntRange(min=8),
               help="Shorter side of the cached images, in pixels [default: data.cache_size of "
                    "the demo config, the one `skinml train` and `mlflow run .` read].")
@@ -46,14 +47,15 @@ def check(data_dir: Path | None, allow_missing: bool, decode: bool) -> None:
 @ALLOW_MISSING
 @click.option("--skip-corrupt", is_flag=True, help="Leave undecodable images out, with a warning.")
 @click.option("--workers", type=click.IntRange(min=1), help="Decoding threads [default: cores].")
-def prepare(data_dir: Path | None, size: int | None, cache_dir: Path | None, allow_missing: bool,
-            skip_corrupt: bool, workers: int | None) -> None:
+def prepare(data_dir: Path | None, data_dir_option: Path | None, size: int | None,
+            cache_dir: Path | None, allow_missing: bool, skip_corrupt: bool,
+            workers: int | None) -> None:
     """Decode every image once into the on-disk cache that training reads."""
     from skinml.core.config import load_config
     from skinml.data.cache import prepare_cache
     from skinml.data.metadata import load_ham10000
 
-    frame = load_ham10000(data_dir, allow_missing=allow_missing)
+    frame = load_ham10000(one_data_dir(data_dir, data_dir_option), allow_missing=allow_missing)
     started = time.perf_counter()
     size = size or load_config("demo").data.cache_size  # the cache a bare `skinml train` reads
     cache = prepare_cache(frame, size=size, root=cache_dir, skip_corrupt=skip_corrupt,

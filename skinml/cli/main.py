@@ -35,15 +35,31 @@ class _Cli(click.Group):
         except WorkersFailed as exc:  # each worker printed its own error already
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-        except click.UsageError as exc:  # click prints it; the run `mlflow run` made says why
-            _tag_launching_run(exc.format_message())
-            raise
+        except click.UsageError as exc:  # one line, as every other mistake (not click's usage)
+            _usage_error(ctx, exc)
         except KeyboardInterrupt as exc:
             hint = getattr(exc, "hint", None)
             click.echo(f"interrupted: {hint}" if hint else
                        _interrupted(ctx.invoked_subcommand, getattr(exc, "run_id", None)),
                        err=True)
             ctx.exit(130)  # 128 + SIGINT, as shells expect
+
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            _usage_error(ctx, exc)
+            raise  # unreachable: _usage_error exits
+
+
+def _usage_error(ctx: click.Context, exc: click.UsageError) -> None:
+    """A mistaken option or argument: `error: <what click says>`, exit 2 (the run `mlflow
+    run` made says why too). `COMMAND --help` shows the usage."""
+    message = exc.format_message()
+    _tag_launching_run(message)
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(2)
 
 
 def _interrupted(command: str | None, run_id: str | None) -> str:

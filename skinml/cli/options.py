@@ -10,8 +10,21 @@ from pathlib import Path
 
 import click
 
-DATA_DIR_ARGUMENT = click.argument("data_dir", required=False,
-                                   type=click.Path(path_type=Path))
+
+def data_dir_argument(function):
+    """The folder as `DATA_DIR` or, as every other command takes it, `--data-dir DIR`."""
+    function = click.option("--data-dir", "data_dir_option", metavar="DIR",
+                            type=click.Path(path_type=Path),
+                            help="HAM10000 folder (the same as DATA_DIR).")(function)
+    return click.argument("data_dir", required=False, type=click.Path(path_type=Path))(function)
+
+
+def one_data_dir(argument: Path | None, option: Path | None) -> Path | None:
+    """The folder given as the argument or as --data-dir (both only if the same)."""
+    if argument is not None and option is not None and argument != option:
+        raise click.BadParameter(f"{option} is not the DATA_DIR argument {argument}: give one",
+                                 param_hint="--data-dir")
+    return argument or option
 ALLOW_MISSING = click.option("--allow-missing", is_flag=True,
                              help="Drop metadata rows whose image file is missing.")
 

@@ -28,6 +28,7 @@ from skinml.evaluation.scoring import score_split, subgroup_attributes
 from skinml.tracking import reader
 from skinml.tracking.logged_model import load_model, model_meta, predict_paths
 from skinml.tracking.writer import RunLog, cv_run, mark_killed
+from skinml.training.checkpoint import checkpoint_path, remove_checkpoint
 from skinml.training.choices import build_run_config
 from skinml.training.engine import EpochResult
 from skinml.workflows.prepared import PreparedData, prepare_data
@@ -101,7 +102,7 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
         if resume_run_id is None:
             parent.log_config(config)
             parent.log_data(data.frame, data.split, data.source)
-        finished = _finished_folds(parent.run_id)
+        finished = _finished_folds(parent.run_id, config)
         if resume_run_id is not None:
             log.info("%s", _resume_line(resume_run_id, finished, folds))
         results = []
@@ -211,17 +212,20 @@ def _resume_line(parent_id: str, finished: dict[int, str], folds: int) -> str:
     return f"resuming cross-validation {parent_id}: keeping {kept}; {start}"
 
 
-def _finished_folds(parent_id: str) -> dict[int, str]:
+def _finished_folds(parent_id: str, config: Config) -> dict[int, str]:
     """Fold number -> run id of the folds that finished; runs of killed folds are marked
-    KILLED (a SIGKILLed run stays RUNNING) and their folds train again."""
+    KILLED (a SIGKILLed run stays RUNNING) and their folds train again in a new run, so
+    their checkpoints are of no more use and are removed."""
     parent = reader.get_run(parent_id)
     finished = {}
     for run in reader.tagged_runs(parent.info.experiment_id, {PARENT_TAG: parent_id}):
         fold = int(run.data.tags[FOLD_TAG])
         if run.info.status == "FINISHED" and run.outputs.model_outputs:
             finished[fold] = run.info.run_id
-        elif run.info.status == "RUNNING":
+            continue
+        if run.info.status == "RUNNING":
             mark_killed(run.info.run_id)
+        remove_checkpoint(checkpoint_path(config, run.info.run_id))
     return finished
 
 

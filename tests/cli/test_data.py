@@ -42,3 +42,19 @@ def test_a_bare_data_prepare_builds_the_cache_the_default_training_reads(make_fo
     other = skinml_in_process("data", "prepare", str(root), "--size", "48", "--workers", "1")
     assert other.returncode == 0, other.stderr
     assert "at 64x48 px" in other.stdout and str(data.cache.path) not in other.stdout
+
+
+def test_every_command_takes_the_folder_as_data_dir(make_folder):
+    """`data check` and `data prepare` take the folder as an argument, as they always did,
+    and as --data-dir like train, cv, tune, pipeline and evaluate."""
+    folder = make_folder()
+    as_argument = skinml_in_process("data", "check", str(folder), "--no-decode")
+    as_option = skinml_in_process("data", "check", "--data-dir", str(folder), "--no-decode")
+    assert as_argument.returncode == as_option.returncode == 0
+    assert as_option.stdout == as_argument.stdout and str(folder) in as_option.stdout
+    both = skinml_in_process("data", "check", str(folder), "--data-dir", "elsewhere")
+    assert both.returncode == 2 and "--data-dir" in both.stderr
+    for command in ("train", "cv", "tune", "pipeline", "evaluate", "data check",
+                    "data prepare"):
+        help_text = skinml_in_process(*command.split(), "--help").stdout
+        assert "--data-dir" in help_text, command

@@ -4,7 +4,6 @@ and metrics, the fold ensemble served by `mlflow models serve`, and resume after
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -154,7 +153,7 @@ def test_more_folds_than_a_class_has_lesions_is_refused_before_any_run(tracking,
 
 
 @pytest.mark.slow
-def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv, caplog):
+def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
     env = {**os.environ, "MLFLOW_TRACKING_URI": cv["uri"], "SKINML_CACHE":
            str(cv["root"] / "cache")}
     experiment = MlflowClient().get_experiment_by_name("skin-lesion").experiment_id
@@ -177,16 +176,30 @@ def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv, 
     process.wait()
     assert mlflow.get_run(parent_id).info.status == "RUNNING"  # killed, not finished
 
-    with caplog.at_level(logging.INFO, logger="skinml.workflows.cv"):
-        resumed = cross_validate(load_config(DEMO, cv["overrides"]), FOLDS,
-                                 resume_run_id=parent_id)
+    killed = next(r.info.run_id for r in children(parent_id) if r.data.tags[FOLD_TAG] == "1")
+    checkpoint = cv["root"] / "cache" / "checkpoints" / killed / "last.pt"  # SKINML_CACHE
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"epoch 1")  # what an epoch of the killed fold may have left
+
+    # `skinml cv --resume`, as a user continues it: a new process, no experiment chosen
+    resumed = subprocess.run([sys.executable, "-m", "skinml", "cv", "--resume", parent_id],
+                             env=env, cwd=cv["root"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     kept = next(r.info.run_id for r in children(parent_id) if r.data.tags[FOLD_TAG] == "0")
-    assert [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()] == [
-        f"resuming cross-validation {parent_id}: keeping fold 1 (run {kept}); "
-        f"starting with fold 2 of {FOLDS}"]
+    assert (f"resuming cross-validation {parent_id}: keeping fold 1 (run {kept}); "
+            f"starting with fold 2 of {FOLDS}") in resumed.stderr
+    # every fold run, the new ones too, is filed in the parent's experiment
+    everywhere = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    assert {r.info.experiment_id for r in everywhere} == {experiment}
+    assert f"#/experiments/{experiment}/runs/" in resumed.stderr
+    assert not checkpoint.exists()  # the killed fold trains in a new run: its checkpoint goes
     uninterrupted = cv["result"]
-    assert resumed.run_id == parent_id
-    assert resumed.oof == uninterrupted.oof and resumed.test == uninterrupted.test
+    metrics = mlflow.get_run(parent_id).data.metrics
+    for split, scores in (("oof", uninterrupted.oof), ("test", uninterrupted.test)):
+        finite = {k: v for k, v in scores.items() if np.isfinite(v)}  # NaN is not logged
+        assert {k: metrics[f"{split}_{k}"] for k in finite} == finite
     states = sorted((r.data.tags[FOLD_TAG], r.info.status) for r in children(parent_id))
     assert states == [("0", "FINISHED"), ("1", "FINISHED"), ("1", "KILLED"), ("2", "FINISHED")]
     assert mlflow.get_run(parent_id).info.status == "FINISHED"

@@ -192,7 +192,7 @@ def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
 @pytest.mark.parametrize("entry, parameter, message", [
     ("main", "epochs=-1", "error: --epochs: optim.epochs must be at least 1, got -1"),
     # click's own usage errors (exit 2 too) say why on the run as well
-    ("cv", "folds=1", "Error: Invalid value for --folds: needs at least 2 folds"),
+    ("cv", "folds=1", "error: Invalid value for --folds: needs at least 2 folds"),
 ])
 def test_mlflow_run_with_a_bad_parameter_says_why_in_one_line_and_on_the_run(
         tracking, tmp_path, entry, parameter, message):
