@@ -109,6 +109,19 @@ def build_model(config: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Modul
     return model
 
 
+def require_weights(config: ModelConfig) -> None:
+    """Fetch (or find) the ImageNet weights a config asks for, before any work: offline, the
+    one-line error comes before a run is made or a cache built, not after."""
+    if not config.pretrained:
+        return
+    if config.arch not in _TORCHVISION:
+        build_model(config)  # says what is wrong with this architecture's weights
+        return
+    weights = _TORCHVISION[config.arch][1]
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)).is_file():
+        _imagenet_state_dict(config.arch, weights)  # downloads into the hub's cache
+
+
 def _imagenet_state_dict(name: str, weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     filename = os.path.basename(weights.url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import mlflow
@@ -31,6 +32,9 @@ def require_tracking_store(model_uri: str | None = None) -> None:
         return
     path = _sqlite_path(mlflow.get_tracking_uri())
     if path is not None and not path.is_file():
+        if _uri_from_environment():
+            raise SkinmlError(f"no MLflow tracking store at {path} (MLFLOW_TRACKING_URI): "
+                              "point MLFLOW_TRACKING_URI at the store you trained in")
         raise SkinmlError(f"no MLflow tracking store at {path}: run this in the folder "
                           "you trained in, or set MLFLOW_TRACKING_URI")
 
@@ -77,6 +81,9 @@ def store_hint(model_uri: str | None = None) -> str:
             search_all_experiments=True, max_results=1, output_format="list")
     except MlflowException:
         empty = False
+    if empty and _uri_from_environment():
+        return (f" (read {uri}, from MLFLOW_TRACKING_URI, which holds no runs and no "
+                "models: point MLFLOW_TRACKING_URI at the store you trained in)")
     if empty:
         return (f" (read {uri}, which holds no runs and no models: run this where you "
                 "trained, or set MLFLOW_TRACKING_URI to that store)")
@@ -94,6 +101,12 @@ def open_store() -> None:
 def use_store(uri: str) -> None:
     """Track into `uri` in this process from now on."""
     mlflow.set_tracking_uri(uri)
+
+
+def _uri_from_environment() -> bool:
+    """Whether the store in use is the one MLFLOW_TRACKING_URI names (so a hint to set it
+    would be wrong)."""
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 def _sqlite_path(uri: str) -> Path | None:

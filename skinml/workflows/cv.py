@@ -25,6 +25,7 @@ from skinml.evaluation import reports
 from skinml.evaluation.calibration import apply_temperature
 from skinml.evaluation.metrics import fold_mean_ci
 from skinml.evaluation.scoring import score_split, subgroup_attributes
+from skinml.models import require_weights
 from skinml.tracking import reader
 from skinml.tracking.logged_model import load_model, model_meta, predict_paths
 from skinml.tracking.writer import RunLog, cv_run, mark_killed
@@ -89,6 +90,7 @@ def cross_validate(config: Config, folds: int, resume_run_id: str | None = None,
         reader.resumable(resume_run_id)
         config, folds = _config_of_parent(resume_run_id)
     hooks = hooks or CVHooks()
+    require_weights(config.model)  # offline: one line before any run or cache
     if data is None or data.config != config.data:
         data = prepare_data(config)
     # Before the parent run opens: too many folds for a class is refused with no run made.

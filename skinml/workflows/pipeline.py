@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from skinml.core.config import Config
 from skinml.core.errors import SkinmlError
 from skinml.data.split import assign_folds
+from skinml.models import require_weights
 from skinml.tracking import reader
 from skinml.tracking.writer import RunLog, pipeline_run
 from skinml.training.choices import build_run_config, load_run_config
@@ -86,6 +87,7 @@ def run_pipeline(options: PipelineOptions, resume_run_id: str | None = None
     base = load_run_config(options.config, options.overrides)
     load_search_space(options.search_space)
     check_options(_tune_options(options, "check"))
+    require_weights(base.model)  # offline: one line before any run or cache
     data = prepare_data(base)
     assign_folds(data.frame, data.split, options.folds, seed=base.data.split_seed)
     with pipeline_run(base.runtime.experiment, base.runtime.run_name or "pipeline",

@@ -22,7 +22,7 @@ from skinml.core.config import Config, ConfigError
 from skinml.evaluation.calibration import clamp_warning, fit_temperature
 from skinml.evaluation.metrics import balanced_accuracy, bootstrap_ci, compute_metrics
 from skinml.evaluation.scoring import score_split, subgroup_attributes
-from skinml.models import build_model
+from skinml.models import build_model, require_weights
 from skinml.tracking.logged_model import model_meta
 from skinml.tracking.reader import (
     artifact_names,
@@ -121,6 +121,7 @@ def train(config: Config, resume_run_id: str | None = None, *,
     cluster = init_cluster()
     try:
         config = _config_to_resume(config, resume_run_id) if resume else config
+        require_weights(config.model)  # offline: one line before any run or cache
         if data is None or data.config != config.data:  # data: split by lesion, cached
             data = prepare_data(config, cluster)
         device = device_for(cluster, resolve_device(config.runtime.device))

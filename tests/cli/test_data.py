@@ -3,6 +3,7 @@ the data layer, tests/data/)."""
 
 from __future__ import annotations
 
+from skinml.data.cache import cache_root
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import prepare_data
 
@@ -58,3 +59,24 @@ def test_every_command_takes_the_folder_as_data_dir(make_folder):
                     "data prepare"):
         help_text = skinml_in_process(*command.split(), "--help").stdout
         assert "--data-dir" in help_text, command
+
+
+def test_missing_imagenet_weights_stop_every_training_command_before_any_work(
+        tmp_path, monkeypatch):
+    """Offline with model.pretrained=true: one line and exit 2, with no run made, no image
+    cache built and no study opened."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens: fails at once
+    weights = ["--set", "model.arch=resnext50_32x4d", "--set", "model.pretrained=true",
+               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+    for command in (["train"], ["cv"], ["tune"], ["pipeline"]):
+        args = weights if command[0] in ("tune", "pipeline") else weights[:4]
+        result = skinml_in_process(*command, *args)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "error: cannot fetch ImageNet weights for resnext50_32x4d"), command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torch"]  # no store, no study
+    assert not cache_root().exists() or not any(cache_root().iterdir())  # no image cache

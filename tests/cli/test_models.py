@@ -172,3 +172,17 @@ def test_mlflow_run_register_entry_point(demo):
     assert "no evidence of improvement" in result.stdout
     champion = mlflow.MlflowClient(demo.uri).get_model_version_by_alias(NAME, CHAMPION)
     assert str(champion.version) == str(demo.registrations[0].version)
+
+
+def test_with_mlflow_tracking_uri_set_the_hint_points_at_it_not_at_setting_it(tmp_path,
+                                                                              monkeypatch):
+    store = tmp_path / "empty.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    mlflow.set_tracking_uri(None)
+    missing = CliRunner().invoke(main, ["register"])
+    assert missing.exit_code == 2 and not store.exists()
+    assert "MLFLOW_TRACKING_URI" in missing.stderr and "or set" not in missing.stderr
+    mlflow.MlflowClient().search_experiments()  # now it exists, and holds nothing
+    empty = CliRunner().invoke(main, ["register"])
+    assert empty.exit_code == 2
+    assert "from MLFLOW_TRACKING_URI" in empty.stderr and "or set" not in empty.stderr

@@ -21,6 +21,7 @@ from skinml.core.config import Config, shipped_or_path
 from skinml.core.errors import SkinmlError
 from skinml.data.split import assign_folds
 from skinml.evaluation import reports
+from skinml.models import require_weights
 from skinml.tracking import reader
 from skinml.tracking.writer import log_study_summary, log_verdict, study_run
 from skinml.training.choices import load_run_config
@@ -53,6 +54,7 @@ def tune(options: TuneOptions) -> TuneResult:
     base = load_run_config(options.config, options.overrides)
     space = load_search_space(options.search_space)
     check_options(options)
+    require_weights(base.model)  # offline: one line before any run or cache
     data = prepare_data(base)  # the cache is built (or found) once for every trial
     if options.objective == "cv":  # refused (or warned of) once, before the study exists
         assign_folds(data.frame, data.split, options.folds, seed=base.data.split_seed)
