@@ -234,7 +234,9 @@ class LoggedModel:
         return Path(self.tracking_uri.removeprefix("sqlite:///")).parent
 
 
-def log_tiny_model(root: Path, temperature: float = 1.0) -> LoggedModel:
+def log_tiny_model(root: Path, temperature: float = 1.0, image_size: int = 32) -> LoggedModel:
+    """An untrained resnext_small logged into a store of its own (at 96 px: the demo's size,
+    a forward pass long enough to be interrupted in)."""
     import torch
 
     from skinml.core.config import ModelConfig
@@ -242,12 +244,13 @@ def log_tiny_model(root: Path, temperature: float = 1.0) -> LoggedModel:
     from skinml.tracking.logged_model import log_model, model_meta
 
     root.mkdir(parents=True, exist_ok=True)
+    frame = (40, 53) if image_size == 32 else (image_size * 4 // 3, image_size * 16 // 9)
     with isolated_tracking(root) as uri:
         torch.manual_seed(0)
-        config = ModelConfig(arch="resnext_small", image_size=32, crop_pct=0.875)
+        config = ModelConfig(arch="resnext_small", image_size=image_size, crop_pct=0.875)
         with mlflow.start_run():
             info = log_model(build_model(config).state_dict(),
-                             model_meta(config, (40, 53), temperature), str(SAMPLE_IMAGES[0]))
+                             model_meta(config, frame, temperature), str(SAMPLE_IMAGES[0]))
     return LoggedModel(info.model_uri, uri)
 
 

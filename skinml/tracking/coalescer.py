@@ -10,10 +10,12 @@ request runs at once and never waits for the timer.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ import numpy as np
 MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
 IDLE_SECONDS = 5.0  # a worker thread idle this long ends (the next call starts another)
+STOP_SECONDS = 30.0  # at exit, how long a batch still running may take to finish
+_LIVE: weakref.WeakSet[Coalescer] = weakref.WeakSet()  # stopped when the interpreter exits
 
 
 def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
@@ -54,9 +58,10 @@ class Coalescer:
                  concat: Callable[[list[Any]], Any] = np.concatenate) -> None:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
         self.concat = concat  # joins the calls' rows (numpy arrays, or tensors on a GPU)
-        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._start = threading.Lock()
         self._worker: threading.Thread | None = None
+        _LIVE.add(self)
 
     @classmethod
     def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray],
@@ -86,9 +91,22 @@ class Coalescer:
                         self._worker = None
                         return
                 continue
+            if first is None:
+                return
             jobs = self._gather(first)
             for key in dict.fromkeys(job.key for job in jobs):
                 self._run([job for job in jobs if job.key == key], key)
+
+    def stop(self) -> None:
+        """End the worker once the batch it runs is done (at exit: a worker thread killed
+        inside a forward pass aborts the process, "terminate called without an active
+        exception")."""
+        with self._start:
+            worker = self._worker
+            if worker is None or not worker.is_alive():
+                return
+            self._queue.put(None)
+        worker.join(STOP_SECONDS)
 
     def _gather(self, first: _Job) -> list[_Job]:
         """`first` plus whatever is queued; if that is more than one call, wait a little for
@@ -106,6 +124,9 @@ class Coalescer:
                     break  # a lone call runs at once
                 deadline = time.monotonic() + self.max_wait
                 continue
+            if job is None:  # stop: after this batch
+                self._queue.put(None)
+                break
             jobs.append(job)
             rows += len(job.rows)
         return jobs
@@ -121,3 +142,11 @@ class Coalescer:
         for job in jobs:
             job.result.set_result(output[start:start + len(job.rows)])
             start += len(job.rows)
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Before the interpreter ends: every worker finishes its batch and ends (after Ctrl-C
+    the main thread leaves while a worker may still be inside a forward pass)."""
+    for coalescer in list(_LIVE):
+        coalescer.stop()

@@ -23,7 +23,7 @@ from skinml.tracking.logged_model import example_jpeg, load_model
 from skinml.workflows import score
 from skinml.workflows.score import ScoreOptions, read_predictions, score_files
 
-from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel
+from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel, log_tiny_model
 
 PROBS = list(PROBABILITY_COLUMNS)
 
@@ -223,6 +223,28 @@ def test_ctrl_c_names_the_command_that_continues(model, tmp_path):
     assert stderr.strip().splitlines()[-1] == (
         f"interrupted: continue with: skinml predict {model.model_uri} {folder} --out {out} "
         "--part-size 100 --resume")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
+    """SIGINT while a forward pass runs in the model's batching thread: the worker finishes
+    its batch before the interpreter ends (it used to die inside the pass: "terminate called
+    without an active exception", SIGABRT)."""
+    demo_sized = log_tiny_model(tmp_path / "store", image_size=96)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": demo_sized.tracking_uri}
+    sample = SAMPLE_IMAGES[0].parent
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "skinml", "predict", demo_sized.model_uri, str(sample),
+             "--out", str(out), "--part-size", "64"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        _after_parts(process, out, 1)
+        time.sleep(0.2 * attempt)
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130, stderr[-2000:]
+        assert "terminate called" not in stderr and "Traceback" not in stderr
 
 
 def test_mlflow_models_predict_takes_more_rows_than_a_server_would(model, tmp_path):
