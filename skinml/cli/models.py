@@ -4,7 +4,6 @@ that judge, register and use logged models."""
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -120,6 +119,7 @@ def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: in
         default_workers,
         serve_command,
         serve_until_stopped,
+        server_log_path,
     )
 
     for given, name in ((timeout, "--timeout"), (workers, "--workers")):
@@ -136,9 +136,11 @@ def serve(model_uri: str, port: int, host: str, timeout: int | None, workers: in
                                      log_path=mlserver_log_path(model_uri)))
     workers = workers or default_workers()
     command, env = serve_command(model_uri, host, port, timeout, workers)
-    click.echo(f"serving {model_uri} at http://{host}:{port} (mlflow models serve, {workers} "
-               "worker(s))", err=True)
-    os.execve(command[0], command, env)
+    serving = (f"serving {model_uri} at http://{host}:{port} (mlflow models serve, {workers} "
+               "worker(s))")
+    sys.exit(serve_until_stopped(command, env, host, port, model_uri,
+                                 on_ready=lambda: click.echo(serving, err=True),
+                                 log_path=server_log_path(model_uri)))
 
 
 @click.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
 
 from skinml.core.errors import SkinmlError, first_line
+from skinml.data.cache import cache_root
 from skinml.serving.mlserver import LOAD_FAILURE, mlserver_command
 from skinml.serving.ports import free_port
 from skinml.tracking.store import require_tracking_store, store_hint
@@ -156,13 +158,14 @@ def serve_until_stopped(command: list[str], env: dict[str, str], host: str, port
     then its output and finally its exit code; SkinmlError with the server's own reason
     (one line; the whole output in `log_path`) if it ends before it is ready.
 
-    The server stays in this process group, so Ctrl-C and a signal to the group reach it;
-    SIGTERM to this process alone is passed on to it.
+    The server runs in a process group of its own: Ctrl-C (and SIGTERM) reach skinml, which
+    stops the whole group (`_end`), so no worker of the server is left behind and a server
+    slow to stop is stopped harder.
     """
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, start_new_session=True)
     output = ServerOutput(process.stdout, sys.stderr.buffer)
-    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(process, signal.SIGINT))
     try:
         try:
             wait_ready(process, port, timeout=timeout, host=host)
@@ -175,23 +178,41 @@ def serve_until_stopped(command: list[str], env: dict[str, str], host: str, port
         output.pass_through()
         on_ready()
         return process.wait()
-    except KeyboardInterrupt:  # the server got the terminal's Ctrl-C too: let it finish
-        _end(process, signalled=True)
+    except KeyboardInterrupt:
+        _end(process)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _end(process: subprocess.Popen, signalled: bool = False) -> None:
-    """Stop the server: SIGTERM (unless it was `signalled` already: a second signal would cut
-    its shutdown short), SIGKILL after 20 s."""
-    if not signalled and process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def server_log_path(model_uri: str) -> Path:
+    """Where `skinml serve` keeps the output of an `mlflow models serve` that failed to start."""
+    digest = hashlib.sha256(model_uri.encode()).hexdigest()[:16]
+    path = cache_root() / "logs" / f"serve-{digest}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+STOP_STEPS = ((signal.SIGINT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0))
+
+
+def _end(process: subprocess.Popen) -> None:
+    """Stop the server's whole process group: SIGINT (a graceful stop), SIGTERM if it is
+    still there after 5 s, SIGKILL after 5 s more (MLServer alone took 20 s on SIGINT)."""
+    for signum, seconds in STOP_STEPS:
+        if process.poll() is not None:
+            break
+        _signal_group(process, signum)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            continue
+    _signal_group(process, signal.SIGKILL)  # workers the server itself left behind
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
 
 
 class ServerOutput:

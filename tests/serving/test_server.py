@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,6 @@ from skinml.serving.server import (
     default_workers,
     serve_command,
     stop_server,
-    wait_ready,
 )
 
 from ..conftest import NAME, b64, post_json, skinml_in_process
@@ -160,19 +160,24 @@ def test_skinml_serve_enforces_request_limits_and_a_timeout(demo, images):
     own answers; too many rows or too many bytes are refused before any image is decoded; a
     request slower than --timeout gets 504 while /ping answers."""
     port = free_port()
+    log = demo.root / f"serve-{port}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "skinml", "serve", f"models:/{NAME}@champion", "--port",
          str(port), "--timeout", "1", "--workers", "2"],
         env={**os.environ, "MLFLOW_TRACKING_URI": demo.uri, "SKINML_SERVE_MAX_ROWS": "8",
              "SKINML_SERVE_MAX_REQUEST_MB": "0.5"},
-        cwd=demo.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=demo.root, stdout=subprocess.DEVNULL, stderr=open(log, "w"),  # noqa: SIM115
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     batch = images["batch"]
     local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
         pd.DataFrame({"image": batch}))[PROBS].to_numpy()
     try:
-        wait_ready(process, port)
+        deadline = time.monotonic() + 180
+        while "serving models:/" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert ping(url) == 200  # announced only once the server answers
         with ThreadPoolExecutor(16) as pool:  # spread over both workers
             answers = list(pool.map(lambda i: invoke(url, {"inputs": {"image": [batch[i % 4]]}}),
                                     range(16)))
@@ -196,6 +201,10 @@ def test_skinml_serve_enforces_request_limits_and_a_timeout(demo, images):
             assert time.perf_counter() - started < 1.0  # the server answers while it decodes
             assert slow.result()[0] == 504
         assert invoke(url, {"inputs": {"image": [images["jpeg"]]}})[0] == 200
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: skinml stops the server's workers too
+        assert process.wait(timeout=60) == 130
+        with pytest.raises(OSError):
+            ping(url)
     finally:
         stop_server(process)
 
