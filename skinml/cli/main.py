@@ -88,8 +88,6 @@ def main(verbose: bool) -> None:
     """Skin-lesion classification on HAM10000 with MLflow and Optuna."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s: %(message)s", force=True)
-    if not sys.stderr.isatty():  # a log file gets one line per event, not bar redraws
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for noisy in ("PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -234,7 +234,14 @@ def metrics_markdown(scores: dict[str, float], split: str) -> str:
                  ("temperature", f"{scores['temperature']:.3f}"
                   if np.isfinite(scores.get("temperature", np.nan)) else "each fold's own")]
     lines = [f"| {split} split | value (95 % CI, lesion bootstrap) |", "|---|---|"]
-    return "\n".join(lines + [f"| {name} | {value} |" for name, value in rows])
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    if scores.get("ece", 0.0) > scores.get("ece_uncalibrated", np.inf):
+        lines += ["", f"Temperature scaling made this split's calibration worse (ECE "
+                      f"{scores['ece_uncalibrated']:.3f} -> {scores['ece']:.3f}): the "
+                      "temperature was fitted on the run's validation split, and a small "
+                      "validation split fits a noisy one (`calibrated=false` serves the "
+                      "probabilities before scaling)."]
+    return "\n".join(lines)
 
 
 def table_markdown(frame, float_format: str = "{:.3f}") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 
 import mlflow
@@ -30,6 +31,9 @@ SCORING_CONF = {
     # (torch keeps its default threads in each worker: OMP_NUM_THREADS=1 was slower.)
     "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
 }
+
+
+PANDAS_NOTICE = "PySpark does not yet fully support pandas"
 
 
 def result_type() -> str:
@@ -74,8 +78,13 @@ def local_session(master: str = "local[2]", conf: dict[str, str] | None = None
     if shutil.which("java") is None:
         raise SkinmlError("Spark needs Java and no `java` is on PATH (Debian: apt-get install "
                           "openjdk-17-jre-headless)")
+    # PySpark 4.3 warns on every pandas UDF that it does not fully support pandas 3; the
+    # scoring UDF is tested under pandas 3 (tests/tracking/test_spark.py), so the warning
+    # says nothing here, in the driver or in the Python workers.
+    warnings.filterwarnings("ignore", message=PANDAS_NOTICE, category=FutureWarning)
     settings = {
         "spark.pyspark.python": sys.executable,
+        "spark.executorEnv.PYTHONWARNINGS": f"ignore:{PANDAS_NOTICE}:FutureWarning",
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",  # a progress bar per stage on stderr
         "spark.log.level": "ERROR",

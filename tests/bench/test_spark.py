@@ -24,6 +24,8 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark need
 @pytest.mark.spark
 @needs_java
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:pyspark")  # astype(copy=) on pandas 3
+# skinml's session silences PySpark's notice about pandas 3 (its UDF is tested under it)
+@pytest.mark.filterwarnings("error:PySpark does not yet fully support pandas:FutureWarning")
 def test_bench_spark_times_each_image_once_and_agrees_with_in_process(tiny_model, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_model.tracking_uri)

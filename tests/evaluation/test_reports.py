@@ -95,3 +95,13 @@ def test_gradcam_grid_without_feature_map_info_still_draws():
     picture = Image.new("RGB", (40, 30))
     figure = reports.gradcam_grid([[(picture, "x")]] + [[] for _ in CLASSES[1:]], "t")
     assert "Grad-CAM" in figure.get_suptitle()
+
+
+def test_a_temperature_that_worsened_calibration_is_said_under_the_table():
+    scores = {"balanced_accuracy": 0.5, "auc": 0.8, "average_precision": 0.5, "accuracy": 0.6,
+              "macro_f1": 0.4, "nll": 1.0, "nll_uncalibrated": 1.1, "temperature": 1.5}
+    better = reports.metrics_markdown({**scores, "ece_uncalibrated": 0.14, "ece": 0.11}, "test")
+    worse = reports.metrics_markdown({**scores, "ece_uncalibrated": 0.117, "ece": 0.142}, "test")
+    assert "worse" not in better
+    assert worse.startswith(better.split("\n| expected")[0])  # the same table first
+    assert "calibration worse (ECE 0.117 -> 0.142)" in worse.splitlines()[-1]

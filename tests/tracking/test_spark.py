@@ -31,8 +31,10 @@ from skinml.tracking.spark import local_session, read_images, result_type, scori
 pytestmark = [
     pytest.mark.slow,  # a JVM and two Python workers on 2 cores: 30-40 s for the module
     pytest.mark.spark,
-    # PySpark 4.3 warns on every pandas UDF under pandas 3 (and calls astype(copy=...));
-    # these tests check what it returns, row for row, against in-process predict.
+    # PySpark 4.3 calls astype(copy=...) under pandas 3. Its notice that it does not fully
+    # support pandas 3 is silenced by skinml's local_session, but pytest resets warning
+    # filters after each test and this module's session is made once (tests/bench/
+    # test_spark.py checks the notice is gone in a session made inside its test).
     pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:pyspark"),
 ]

@@ -225,6 +225,24 @@ def test_ctrl_c_names_the_command_that_continues(model, tmp_path):
         "--part-size 100 --resume")
 
 
+def test_a_log_file_gets_no_download_bar(model, tmp_path):
+    """stderr to a file or a pipe: MLflow's artifact download bar stays off, in the CLI and
+    in library use alike (a bar in a log is a line per redraw)."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+    process = subprocess.run(
+        [sys.executable, "-m", "skinml", "predict", model.model_uri, str(SAMPLE_IMAGES[0])],
+        capture_output=True, text=True, cwd=REPO,
+        env={**environment, "MLFLOW_TRACKING_URI": model.tracking_uri}, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert "Downloading artifacts" not in process.stderr
+    library = subprocess.run(
+        [sys.executable, "-c", "import os, skinml.tracking; "
+         "print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'])"],
+        capture_output=True, text=True, env=environment, timeout=120)
+    assert library.stdout.strip() == "false"
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
     """SIGINT while a forward pass runs in the model's batching thread: the worker finishes
