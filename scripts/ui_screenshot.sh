@@ -32,5 +32,5 @@ for _ in $(seq 120); do
 done
 "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1920,1000 \
     --virtual-time-budget=20000 --screenshot="$out" \
-    "http://127.0.0.1:$port/#/experiments/$id/runs" 2>/dev/null
+    "http://127.0.0.1:$port/#/experiments/$id/runs?workflowType=machine_learning" 2>/dev/null
 echo "wrote $out (experiment $experiment, id $id)"

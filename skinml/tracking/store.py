@@ -61,11 +61,18 @@ def announce_store() -> None:
     log.info("tracking store %s (browse: `%s`; MLFLOW_TRACKING_URI picks another)", uri, ui)
 
 
+# MLflow 3's UI opens a link in its GenAI view unless the link names the workflow (the
+# experiment's mlflow.experimentKind tag does not decide it for a browser that has not used
+# the UI before; checked in headless Chromium against mlflow ui 3.17).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_link(experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or on `mlflow ui`."""
+    """The run's page in the MLflow UI's Model training view: on the tracking server, or on
+    `mlflow ui`."""
     uri = mlflow.get_tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def store_hint(model_uri: str | None = None) -> str:

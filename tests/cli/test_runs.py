@@ -82,8 +82,9 @@ def test_ctrl_c_prints_the_resume_command_and_exits_130(tracking, make_folder, t
     assert [line for line in lines if "tracking store" in line] == [
         f"INFO: tracking store {tracking} (browse: `mlflow ui`; MLFLOW_TRACKING_URI picks "
         "another)"]
-    assert (f"INFO: training run {run_id} started: "
-            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}") in lines
+    # the run's page, in the UI's Model training view (not its GenAI view)
+    assert (f"INFO: training run {run_id} started: http://127.0.0.1:5000/#/experiments/"
+            f"{experiment}/runs/{run_id}?workflowType=machine_learning") in lines
     assert lines[-1] == (f"interrupted: run {run_id} is marked KILLED; continue it with: "
                          f"skinml train --resume {run_id}")
     assert mlflow.get_run(run_id).info.status == "KILLED"
