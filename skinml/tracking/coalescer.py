@@ -25,6 +25,9 @@ import numpy as np
 
 MAX_BATCH_ENV = "SKINML_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "SKINML_SERVE_MAX_WAIT_MS"
+# How long a call waits for its pass: a forward pass that never returns (a wedged device)
+# fails its callers with BatchTimeout instead of holding them, and the server, for ever.
+TIMEOUT_ENV, TIMEOUT_SECONDS = "SKINML_SERVE_BATCH_TIMEOUT_S", 300.0
 IDLE_SECONDS = 5.0  # a worker thread idle this long ends (the next call starts another)
 STOP_SECONDS = 30.0  # at exit, how long a batch still running may take to finish
 _LIVE: weakref.WeakSet[Coalescer] = weakref.WeakSet()  # stopped when the interpreter exits
@@ -36,6 +39,10 @@ def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
     default batch: serving.MLSERVER_MAX_BATCH)."""
     return (max(1, int(os.environ.get(MAX_BATCH_ENV, default_max_batch))),
             max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
+
+
+class BatchTimeout(TimeoutError):
+    """A call's pass did not finish in time (HTTP 503 when served)."""
 
 
 @dataclass
@@ -53,10 +60,12 @@ class Coalescer:
     more to arrive, up to `max_batch`.
     """
 
-    def __init__(self, run: Callable[[np.ndarray, Hashable], np.ndarray], max_batch: int = 64,
+    def __init__(self, run: Callable[[Any, Hashable], np.ndarray], max_batch: int = 64,
                  max_wait: float = 0.005,
-                 concat: Callable[[list[Any]], Any] = np.concatenate) -> None:
+                 concat: Callable[[list[Any]], Any] = np.concatenate,
+                 timeout: float = TIMEOUT_SECONDS) -> None:
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
+        self.timeout = timeout  # seconds a call waits for its pass
         self.concat = concat  # joins the calls' rows (numpy arrays, or tensors on a GPU)
         self._queue: queue.Queue[_Job | None] = queue.Queue()  # None: stop
         self._start = threading.Lock()
@@ -64,12 +73,14 @@ class Coalescer:
         _LIVE.add(self)
 
     @classmethod
-    def from_environment(cls, run: Callable[[np.ndarray, Hashable], np.ndarray],
+    def from_environment(cls, run: Callable[[Any, Hashable], np.ndarray],
                          concat: Callable[[list[Any]], Any] = np.concatenate) -> Coalescer:
         max_batch, max_wait = batch_settings()
-        return cls(run, max_batch=max_batch, max_wait=max_wait, concat=concat)
+        timeout = float(os.environ.get(TIMEOUT_ENV, TIMEOUT_SECONDS))
+        return cls(run, max_batch=max_batch, max_wait=max_wait, concat=concat,
+                   timeout=timeout)
 
-    def __call__(self, rows: np.ndarray, key: Hashable = None) -> np.ndarray:
+    def __call__(self, rows: Any, key: Hashable = None) -> np.ndarray:
         job = _Job(rows, key)
         with self._start:  # under the lock a worker that is leaving cannot miss the job
             self._queue.put(job)
@@ -77,7 +88,11 @@ class Coalescer:
                 self._worker = threading.Thread(target=self._serve, daemon=True,
                                                 name="skinml-coalescer")
                 self._worker.start()
-        return job.result.result()
+        try:
+            return job.result.result(timeout=self.timeout)
+        except TimeoutError:
+            raise BatchTimeout(f"no answer in {self.timeout:g} s: the model's forward pass "
+                               f"did not finish ({TIMEOUT_ENV})") from None
 
     def _serve(self) -> None:
         """Run batches until idle for IDLE_SECONDS, then end: a thread that lived for ever
@@ -93,9 +108,15 @@ class Coalescer:
                 continue
             if first is None:
                 return
-            jobs = self._gather(first)
-            for key in dict.fromkeys(job.key for job in jobs):
-                self._run([job for job in jobs if job.key == key], key)
+            jobs = [first]
+            try:
+                self._gather(jobs)
+                for key in dict.fromkeys(job.key for job in jobs):
+                    self._run([job for job in jobs if job.key == key], key)
+            except BaseException as exc:  # the worker lives on; these callers learn why
+                for job in jobs:
+                    if not job.result.done():
+                        job.result.set_exception(exc)
 
     def stop(self) -> None:
         """End the worker once the batch it runs is done (at exit: a worker thread killed
@@ -108,10 +129,11 @@ class Coalescer:
             self._queue.put(None)
         worker.join(STOP_SECONDS)
 
-    def _gather(self, first: _Job) -> list[_Job]:
-        """`first` plus whatever is queued; if that is more than one call, wait a little for
-        more (up to max_batch rows)."""
-        jobs, rows = [first], len(first.rows)
+    def _gather(self, jobs: list[_Job]) -> None:
+        """Add to `jobs` (one call so far) whatever is queued; if that is more than one call,
+        wait a little for more (up to max_batch rows). Each taken job is in `jobs` at once,
+        so a failure here still reaches its caller."""
+        rows = len(jobs[0].rows)
         deadline = None
         while rows < self.max_batch:
             try:
@@ -129,7 +151,6 @@ class Coalescer:
                 break
             jobs.append(job)
             rows += len(job.rows)
-        return jobs
 
     def _run(self, jobs: list[_Job], key: Hashable) -> None:
         try:

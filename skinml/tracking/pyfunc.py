@@ -14,6 +14,7 @@ import io
 import math
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from skinml.core.config import ModelConfig
 from skinml.core.errors import SkinmlError
@@ -34,7 +35,7 @@ from skinml.data.decode import decode_to_frame
 from skinml.data.jpeg_batch import CorruptRowError, decode_batch
 from skinml.data.preprocess import Preprocess
 from skinml.models import build_model, run_network
-from skinml.tracking.coalescer import Coalescer
+from skinml.tracking.coalescer import BatchTimeout, Coalescer
 
 MAX_PIXELS = 50_000_000  # 7000x7000; real dermoscopy images are far smaller
 # Images per forward pass: any number of rows runs in chunks, so memory holds the input,
@@ -111,9 +112,12 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         clinical = self.clinical(model_input)
         params = params or {}
         key = (bool(params.get("tta", False)), bool(params.get("calibrated", True)))
-        probs = [self.coalesce(_Rows(pixels, _rows(clinical, start, len(pixels))), key)
-                 for start, pixels in zip(range(0, len(images), CHUNK),
-                                          self.decoder.chunks(images, CHUNK), strict=True)]
+        try:
+            probs = [self.coalesce(_Rows(pixels, _rows(clinical, start, len(pixels))), key)
+                     for start, pixels in zip(range(0, len(images), CHUNK),
+                                              self.decoder.chunks(images, CHUNK), strict=True)]
+        except BatchTimeout as exc:  # HTTP 503: the server answers, this model did not
+            raise MlflowException(str(exc), error_code=TEMPORARILY_UNAVAILABLE) from None
         return probability_table(np.concatenate(probs))
 
     def clinical(self, model_input: pd.DataFrame) -> np.ndarray | None:
@@ -241,10 +245,12 @@ class ParallelDecoder:
 
     def _executor(self) -> ThreadPoolExecutor:
         # Made on first use, in the process that predicts (never inherited across a fork);
-        # its idle threads hold no reference to the model, so the model can still be freed.
+        # its idle threads hold no reference to the model, so the model can still be freed,
+        # and the pool is shut down with it.
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="skinml-decode")
+                weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
             return self._pool
 
 

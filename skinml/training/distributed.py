@@ -8,13 +8,18 @@ checkpoints and logs the model. Without torchrun everything here is a no-op.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from skinml.core.errors import SkinmlError, first_line
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,27 @@ def sync_buffers(model: nn.Module, cluster: Cluster) -> None:
 def barrier(cluster: Cluster) -> None:
     if cluster.distributed:
         dist.barrier()
+
+
+def main_first(action: Callable[[], T], cluster: Cluster) -> T:
+    """`action()` on rank 0, then on the other ranks (what rank 0 builds, they find).
+
+    When rank 0's action fails, the others raise its one-line reason (a SkinmlError as a
+    SkinmlError) instead of waiting for rank 0 for ever at a barrier, or dying on a closed
+    connection with a traceback.
+    """
+    if not cluster.distributed:
+        return action()
+    if cluster.is_main:
+        try:
+            result = action()
+        except BaseException as exc:
+            gather((isinstance(exc, SkinmlError), first_line(exc)), cluster)
+            raise
+        gather(None, cluster)
+        return result
+    failure = gather(None, cluster)[0]
+    if failure is not None:
+        bad_input, reason = failure
+        raise (SkinmlError if bad_input else RuntimeError)(f"rank 0 stopped: {reason}")
+    return action()

@@ -16,7 +16,7 @@ from skinml.data.cache import ImageCache, prepare_cache
 from skinml.data.clinical import encode_clinical
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
-from skinml.training.distributed import SINGLE, Cluster, barrier
+from skinml.training.distributed import SINGLE, Cluster, main_first
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,10 @@ class SplitBatches:
 def prepare_data(config: Config, cluster: Cluster = SINGLE) -> PreparedData:
     """Load the folder, split by lesion (checked for leakage), and open the decode-once cache.
 
-    Under torchrun rank 0 builds the cache first; the other ranks then find it complete.
+    Under torchrun rank 0 builds the cache first; the other ranks then find it complete (or
+    stop with rank 0's reason when it failed).
     """
-    if not cluster.is_main:
-        barrier(cluster)
-    data = _prepare(config)
-    if cluster.is_main:
-        barrier(cluster)
-    return data
+    return main_first(lambda: _prepare(config), cluster)
 
 
 def _prepare(config: Config) -> PreparedData:

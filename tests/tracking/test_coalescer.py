@@ -99,3 +99,37 @@ def test_calls_racing_an_ending_worker_are_all_served(monkeypatch):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: coalescer(np.array([i]))[0], range(400)))
     assert results == [2 * i for i in range(400)]
+
+
+@pytest.mark.timeout(30)
+def test_a_pass_that_never_returns_fails_its_callers_in_time_and_calls_go_on():
+    """A wedged forward pass: its callers get BatchTimeout within the bound (HTTP 503 when
+    served) instead of waiting for ever."""
+    release = threading.Event()
+
+    def wedged(rows, key):
+        if key == "wedged":
+            release.wait(20)
+        return rows * 2
+
+    coalesce = Coalescer(wedged, max_batch=8, max_wait=0.0, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(module.BatchTimeout, match="no answer in 0.5 s"):
+        coalesce(np.ones((2, 1)), key="wedged")
+    assert time.monotonic() - started < 5
+    release.set()  # the pass ends; the worker takes the next call
+    np.testing.assert_array_equal(coalesce(np.ones((1, 1))), [[2.0]])
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_while_gathering_fails_those_callers_and_the_worker_carries_on():
+    class NoLength:  # rows the worker cannot size: _gather raises on them
+        def __len__(self):
+            raise RuntimeError("rows without a length")
+
+    coalesce = Coalescer(Recorder(seconds=0.0), max_batch=8, max_wait=0.0, timeout=10)
+    with ThreadPoolExecutor(2) as pool:
+        broken = pool.submit(coalesce, NoLength())
+        with pytest.raises(RuntimeError, match="rows without a length"):
+            broken.result(timeout=10)
+    np.testing.assert_array_equal(coalesce(np.arange(3)[:, None]), [[0], [2], [4]])

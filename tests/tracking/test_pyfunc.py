@@ -5,6 +5,9 @@ training cache's pixels, and one-line errors naming the row."""
 from __future__ import annotations
 
 import base64
+import gc
+import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -188,3 +191,17 @@ def test_on_cuda_gpu_decode_answers_as_the_cpu_decode(logged_model, monkeypatch)
         monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "0")
         served.to("cpu")
     np.testing.assert_allclose(gpu, cpu, atol=1e-2)  # nvjpeg's upsampling differs slightly
+
+
+@pytest.mark.timeout(60)
+def test_the_decode_threads_end_with_the_decoder():
+    decoder = pyfunc.ParallelDecoder((40, 53), workers=3)
+    rows = [b64(path) for path in SAMPLE_IMAGES[:6]]
+    assert len(np.concatenate(list(decoder.chunks(rows, 6)))) == 6
+    assert any(t.name.startswith("skinml-decode") for t in threading.enumerate())
+    del decoder
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("skinml-decode") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "decode threads outlived their decoder"
+        time.sleep(0.05)

@@ -148,3 +148,20 @@ def test_ddp_resume_ends_like_an_uninterrupted_ddp_run(reference):
         by_step = [{m.step: m.value for m in client.get_metric_history(r, "val_loss")}
                    for r in (run_id, other.info.run_id)]
     assert by_step[0] == by_step[1] and sorted(by_step[0]) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_when_rank_0_fails_preparing_data_every_rank_stops_with_its_reason(tmp_path):
+    """Rank 0 builds the cache while the others wait: when it fails (here: no such folder),
+    they stop with its one line instead of waiting or dying on a closed connection."""
+    missing = tmp_path / "no-such-folder"
+    done = subprocess.run([sys.executable, "-m", "skinml", "train", "--nproc", "2",
+                           "--data-dir", str(missing)], capture_output=True, text=True,
+                          timeout=150, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert done.returncode != 0
+    reason = f"data folder {missing} does not exist or is not a folder"
+    lines = done.stderr.splitlines()
+    assert f"error: {reason}" in lines and f"error: rank 0 stopped: {reason}" in lines
+    assert "Connection closed" not in done.stderr
