@@ -254,6 +254,21 @@ def log_tiny_model(root: Path, temperature: float = 1.0, image_size: int = 32) -
     return LoggedModel(info.model_uri, uri)
 
 
+TEMPERATURE = 2.5  # of `logged_model`
+
+
+@pytest.fixture(scope="session")
+def logged_model(tmp_path_factory: pytest.TempPathFactory):
+    """A resnext_small at 32 px with a temperature, logged and loaded (an MLflow PyFuncModel)
+    as skinml logs every model: for the served model's tests, not accuracy."""
+    from skinml.tracking.logged_model import load_model
+
+    root = tmp_path_factory.mktemp("logged-model")
+    logged = log_tiny_model(root, TEMPERATURE)
+    with isolated_tracking(root):
+        return load_model(logged.model_uri)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> LoggedModel:
     """log_tiny_model once per test process, for the modules that score with it (the

@@ -33,10 +33,10 @@ from skinml.core.config import Config
 from skinml.core.errors import first_line
 from skinml.data.loader import Batch
 from skinml.data.synth import write_synthetic
+from skinml.inference.decoder import GPU_DECODE_ENV
 from skinml.serving.server import running_server
 from skinml.tracking import reader
 from skinml.tracking.logged_model import load_model
-from skinml.tracking.pyfunc import GPU_DECODE_ENV
 from skinml.tracking.store import use_store
 from skinml.training.checkpoint import Checkpoint, checkpoint_path
 from skinml.training.choices import load_run_config

@@ -8,7 +8,6 @@ resident set while `predict` runs, against the resident set just before (input b
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -23,8 +22,10 @@ import pandas as pd
 from skinml.core.errors import SkinmlError
 from skinml.data.image_files import ImageSources
 from skinml.data.synth import write_synthetic
+from skinml.inference.decoder import DECODE_WORKERS_ENV
+from skinml.inference.pyfunc import CHUNK
+from skinml.inference.requests import encode_image
 from skinml.tracking.logged_model import load_model
-from skinml.tracking.pyfunc import CHUNK, DECODE_WORKERS_ENV
 from skinml.workflows.score import FILE_CHUNK, ScoreOptions, score_files
 
 
@@ -42,7 +43,7 @@ def synthetic_images(folder: Path, count: int) -> list[Path]:
 def encoded_rows(images: list[Path], rows: int) -> pd.DataFrame:
     """`rows` rows cycling over `images`, each its own base64 string (as a real input)."""
     raws = [path.read_bytes() for path in images]
-    return pd.DataFrame({"image": [base64.b64encode(raws[i % len(raws)]).decode("ascii")
+    return pd.DataFrame({"image": [encode_image(raws[i % len(raws)])
                                    for i in range(rows)]})
 
 

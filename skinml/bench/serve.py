@@ -4,7 +4,6 @@ against an in-process rate measured beside it."""
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import threading
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from skinml.core.errors import SkinmlError
+from skinml.inference.requests import encode_image
 from skinml.serving.mlserver import MLSERVER_MODEL_NAME
 from skinml.serving.server import DIRECT
 
@@ -38,7 +38,7 @@ class ServeLatency:
 def bench_serve(model, image: Path, url: str, requests: int, batch: int) -> ServeLatency:
     """One-image latency over REST vs in-process predict of `model` (a loaded pyfunc), and
     throughput with `batch` images."""
-    encoded = base64.b64encode(image.read_bytes()).decode()
+    encoded = encode_image(image.read_bytes())
     client = _KeptConnection(url)
 
     def post(rows: int) -> None:
@@ -74,7 +74,7 @@ def in_process_rate(model, image: Path, batch: int, rounds: int = 5) -> float:
     The fastest of three spells of `rounds` batches, after a pause that lets a server's
     spinning OpenMP threads go idle: a ceiling lowered by noise would flatter the server.
     """
-    frame = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()] * batch})
+    frame = pd.DataFrame({"image": [encode_image(image.read_bytes())] * batch})
     time.sleep(0.5)
     model.predict(frame)  # warm
     seconds = min(sum(_milliseconds(lambda _: model.predict(frame), batch)
@@ -161,7 +161,7 @@ def bench_concurrency(image: Path, url: str, clients: int, requests: int, v2: bo
     scripts do.
     """
     path = ENDPOINTS["v2" if v2 else "invocations"]
-    body = one_image_body(base64.b64encode(image.read_bytes()).decode(), v2)
+    body = one_image_body(encode_image(image.read_bytes()), v2)
     connections = threading.local()
 
     def one(_: int) -> tuple[float, bool]:

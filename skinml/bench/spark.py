@@ -16,8 +16,8 @@ import pandas as pd
 
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import PROBABILITY_COLUMNS
+from skinml.inference.pyfunc import CHUNK
 from skinml.tracking.logged_model import load_model, predict_paths
-from skinml.tracking.pyfunc import CHUNK
 from skinml.tracking.spark import local_session, read_images, scoring_udf
 
 T = TypeVar("T")

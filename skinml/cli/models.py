@@ -286,8 +286,8 @@ def explain(model_uri: str, image: Path, out: Path, figure: Path | None) -> None
     from skinml.data.decode import open_rgb
     from skinml.evaluation.explain import FEATURE_MAP
     from skinml.evaluation.explain import explain as explain_image
+    from skinml.inference.decoder import MAX_PIXELS
     from skinml.tracking.logged_model import load_model
-    from skinml.tracking.pyfunc import MAX_PIXELS
     from skinml.tracking.store import require_tracking_store
 
     require_tracking_store(model_uri)

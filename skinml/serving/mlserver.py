@@ -18,29 +18,21 @@ import mlflow
 from skinml.core.errors import SkinmlError
 from skinml.core.files import write_atomically
 from skinml.data.cache import cache_root
+from skinml.inference.requests import RequestLimits
 from skinml.serving.ports import free_port
-from skinml.tracking.coalescer import batch_settings
-from skinml.tracking.pyfunc import RequestLimits
 
 MLSERVER_MODEL_NAME = "skin-lesion-classifier"  # V2 path: /v2/models/<this>/infer
 RUNTIME = "skinml.serving.mlserver_runtime.SkinmlRuntime"
 LOAD_FAILURE = "cannot load the model: "  # how the runtime's log says why the model failed
 
-# Requests that arrive while a batch runs are merged into the next one, up to this many
-# rows: about the number of concurrent clients (measured on 2 cores with MLServer's own
-# batching, 16 one-image clients: 16 rows 456 requests/s, 64 rows 399, 8 rows 361).
-MLSERVER_MAX_BATCH = 16
-
-
-def mlserver_folder(model_uri: str, folder: Path, host: str, port: int, max_batch: int,
-                    max_wait_ms: float, limits: RequestLimits | None = None) -> Path:
+def mlserver_folder(model_uri: str, folder: Path, host: str, port: int,
+                    limits: RequestLimits | None = None) -> Path:
     """A folder `mlserver start` serves: the model downloaded, with MLServer's settings.
 
-    The runtime batches requests of both endpoints (up to `max_batch` rows, waiting up to
-    `max_wait_ms` for as many requests as the last batch held) after judging each against
-    `limits` (default: from the environment); MLServer's own adaptive batching stays off
-    (`mlserver_runtime` says why), as do its debug mode (tracebacks in response bodies, a
-    log line per request) and its metrics port.
+    The runtime judges each request of both endpoints against `limits` (default: from the
+    environment), then the model batches them as under `mlflow models serve`; MLServer's
+    own adaptive batching stays off (`mlserver_runtime` says why), as do its debug mode
+    (tracebacks in response bodies, a log line per request) and its metrics port.
     """
     try:
         import mlserver_mlflow  # noqa: F401  (an optional extra: one line when it is missing)
@@ -55,7 +47,6 @@ def mlserver_folder(model_uri: str, folder: Path, host: str, port: int, max_batc
             "name": MLSERVER_MODEL_NAME,
             "implementation": RUNTIME,
             "parameters": {"uri": "./", "extra": {
-                "max_batch_rows": max_batch, "max_wait_ms": max_wait_ms,
                 "max_rows": limits.max_rows, "max_request_mb": limits.max_mb}},
         }, indent=2))
         # Always "model/" (`skinml cache` reads the MLmodel there), whatever the URI kind.
@@ -87,12 +78,11 @@ def model_folder(model_uri: str, staging: Path) -> Path:
 def mlserver_command(model_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """The MLServer process serving the model's folder (prepared here), and its environment.
 
-    Batching follows SKINML_SERVE_MAX_BATCH (default 16) and SKINML_SERVE_MAX_WAIT_MS, the
-    limits SKINML_SERVE_MAX_ROWS and SKINML_SERVE_MAX_REQUEST_MB, as under `skinml serve`.
+    Batching follows SKINML_SERVE_MAX_BATCH and SKINML_SERVE_MAX_WAIT_MS, the limits
+    SKINML_SERVE_MAX_ROWS and SKINML_SERVE_MAX_REQUEST_MB, as under `skinml serve`.
     """
-    max_batch, max_wait = batch_settings(default_max_batch=MLSERVER_MAX_BATCH)
     folder = _folder(model_uri)
-    mlserver_folder(model_uri, folder, host, port, max_batch, max_wait * 1000)
+    mlserver_folder(model_uri, folder, host, port)
     command = [sys.executable, "-m", "skinml.serving.mlserver_entry", str(folder)]
     return command, dict(os.environ)
 

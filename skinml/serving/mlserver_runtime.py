@@ -1,16 +1,17 @@
 """The MLServer runtime that serves a logged skinml model: `mlserver_mlflow.MLflowRuntime`
 with MLflow's answers to bad requests, the server's request limits, and both endpoints
-batched.
+batched by the model itself.
 
 Why a runtime, not an ASGI middleware: the limits count a request's rows and image bytes,
 which only exist once the body is parsed, and MLServer parses it into the request the
-runtime receives; a middleware would parse every body a second time, and could not batch.
-So each endpoint's handler here parses (V2: MLServer's codec; `/invocations`: MLflow's
-own parser), judges the client's request against the limits, and hands it to one
-`RequestBatcher` shared by both endpoints. MLServer's adaptive batching stays off
-(`mlserver.py` writes no `max_batch_size`): it merges requests before any hook of the
-runtime sees them, a bad row there fails every request merged with it, and it does not
-batch `/invocations` at all.
+runtime receives; a middleware would parse every body a second time. So each endpoint's
+handler here parses (V2: MLServer's codec; `/invocations`: MLflow's own parser), judges the
+client's request against the limits, and calls the model's `predict` on a thread of its
+own, as `mlflow models serve` does: the model's coalescer (`inference/coalescer.py`)
+merges the forward passes of concurrent requests, the one batching path of every server.
+MLServer's adaptive batching stays off (`mlserver.py` writes no `max_batch_size`): it
+merges requests before any hook of the runtime sees them, a bad row there fails every
+request merged with it, and it does not batch `/invocations` at all.
 
 Every refusal is one line: HTTP 400 (413 for the megabyte limit) with `{"error": reason}`,
 the reason the model gives under `mlflow models serve` (MLflow's schema messages without
@@ -25,7 +26,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
+from concurrent.futures import ThreadPoolExecutor
 from io import StringIO
 from typing import Any
 
@@ -44,14 +45,14 @@ from mlflow.pyfunc.scoring_server import (
 from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
 from mlserver.errors import MLServerError
 from mlserver.handlers import custom_handler
-from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
+from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver_mlflow import MLflowRuntime
 from mlserver_mlflow.codecs import TensorDictCodec
 
 from skinml.core.errors import first_line
+from skinml.inference.requests import RequestLimits
 from skinml.serving.mlserver import LOAD_FAILURE
-from skinml.serving.request_batches import RequestBatcher
-from skinml.tracking.pyfunc import RequestLimits
+from skinml.serving.mlserver_internals import input_schema, loaded_pyfunc
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,10 @@ MAX_REASON = 500  # characters of a reason; a longer one is cut (it may quote th
 class SkinmlRuntime(MLflowRuntime):
     """MLflow's pyfunc under MLServer, on a par with `mlflow models serve` (module doc).
 
-    Settings, from model-settings.json `parameters.extra`: `max_batch_rows`, `max_wait_ms`
-    (the batching), `max_rows`, `max_request_mb` (the limits; null: none; absent: from
-    SKINML_SERVE_MAX_ROWS and SKINML_SERVE_MAX_REQUEST_MB).
+    Settings, from model-settings.json `parameters.extra`: `max_rows`, `max_request_mb`
+    (the limits; null: none; absent: from SKINML_SERVE_MAX_ROWS and
+    SKINML_SERVE_MAX_REQUEST_MB), `max_concurrent` (requests in `predict` at once, 32).
+    The model's batching reads SKINML_SERVE_MAX_BATCH and SKINML_SERVE_MAX_WAIT_MS.
     """
 
     async def load(self) -> bool:
@@ -86,14 +88,15 @@ class SkinmlRuntime(MLflowRuntime):
         limits = RequestLimits.from_environment()
         self.limits = RequestLimits(max_rows=extra.get("max_rows", limits.max_rows),
                                     max_mb=extra.get("max_request_mb", limits.max_mb))
-        batching = {"max_rows": int(extra.get("max_batch_rows", 16)),
-                    "max_wait": float(extra.get("max_wait_ms", 5)) / 1000}
-        # One batcher per endpoint, as each encodes its answers its own way (a batch's
-        # once); the model's coalescer still merges the forward passes of both.
-        self.batchers = {"v2": RequestBatcher(self._call_model, self._v2_answers, **batching),
-                         "invocations": RequestBatcher(self._call_model, invocation_answers,
-                                                       **batching)}
+        # Each request's predict on a thread of its own (the event loop goes on reading
+        # requests); the model's coalescer merges the forward passes of the threads.
+        self.calls = ThreadPoolExecutor(int(extra.get("max_concurrent", 32)),
+                                        thread_name_prefix="skinml-request")
         return True
+
+    async def unload(self) -> bool:
+        self.calls.shutdown(wait=False, cancel_futures=True)
+        return await super().unload()
 
     @custom_handler(rest_path="/ping", rest_method="GET")
     async def ping(self) -> Response:
@@ -154,22 +157,19 @@ class SkinmlRuntime(MLflowRuntime):
         except UnicodeDecodeError:
             raise Refused("Ensure that input is a valid UTF-8 encoded string.") from None
         if mime == CONTENT_TYPE_CSV:
-            return parse_csv_input(StringIO(text), schema=self._input_schema), None
+            return parse_csv_input(StringIO(text), schema=input_schema(self)), None
         raw, params = _split_data_and_params(text)
-        return infer_and_parse_data(raw, self._input_schema), params
+        return infer_and_parse_data(raw, input_schema(self)), params
 
     async def _answer(self, endpoint: str, data: Any, params: dict[str, Any] | None) -> Any:
         data = as_frame(data)
         self.judge(data)
-        return await self.batchers[endpoint](data, params)
+        encode = self._v2_answer if endpoint == "v2" else invocation_answer
+        return await asyncio.get_running_loop().run_in_executor(
+            self.calls, lambda: encode(loaded_pyfunc(self).predict(data, params=params)))
 
-    def _call_model(self, data: Any, params: dict[str, Any] | None) -> Any:
-        return self._model.predict(data, params=params)
-
-    def _v2_answers(self, output: Any, sizes: list[int] | None) -> list[InferenceResponse]:
-        """V2 responses: the batch's output encoded once, its outputs cut per request."""
-        response = self.encode_response(output, default_codec=TensorDictCodec)
-        return [response] if sizes is None else split_response(response, sizes)
+    def _v2_answer(self, output: Any) -> InferenceResponse:
+        return self.encode_response(output, default_codec=TensorDictCodec)
 
     def judge(self, data: Any) -> None:
         """The row limit (400) and the megabyte limit (413) on one client's request."""
@@ -209,44 +209,16 @@ class Unsupported(Refused):
         super().__init__(reason, 415)
 
 
-def invocation_answers(output: Any, sizes: list[int] | None) -> list[str]:
-    """MLflow's `{"predictions": ...}` JSON for each request (its `predictions_to_json`,
-    the output converted once)."""
+def invocation_answer(output: Any) -> str:
+    """MLflow's `{"predictions": ...}` JSON (its `predictions_to_json`)."""
     predictions = _get_jsonable_obj(output, pandas_orient="records")
-    if sizes is not None:
-        if not isinstance(predictions, list) or len(predictions) != sum(sizes):
-            raise ValueError("the model's output does not have one row per input row")
-        starts = np.cumsum([0, *sizes])
-        parts = [predictions[start:end] for start, end in zip(starts, starts[1:], strict=False)]
-    else:
-        parts = [predictions]
-    return [json.dumps({"predictions": part}, cls=NumpyEncoder) for part in parts]
-
-
-def split_response(response: InferenceResponse, sizes: list[int]) -> list[InferenceResponse]:
-    """A batch's V2 response cut into one per request (rows are each output's first
-    dimension), as MLServer's adaptive batching splits its batches' responses."""
-    answers = [[] for _ in sizes]
-    for output in response.outputs:
-        data = list(getattr(output.data, "root", output.data))
-        if not output.shape or output.shape[0] != sum(sizes):
-            raise ValueError("the model's output does not have one row per input row")
-        per_row = math.prod(output.shape[1:])
-        start = 0
-        for outputs, size in zip(answers, sizes, strict=True):
-            outputs.append(ResponseOutput(
-                name=output.name, shape=[size, *output.shape[1:]], datatype=output.datatype,
-                parameters=output.parameters, data=data[start:start + size * per_row]))
-            start += size * per_row
-    return [InferenceResponse(model_name=response.model_name,
-                              model_version=response.model_version,
-                              parameters=response.parameters, outputs=outputs)
-            for outputs in answers]
+    return json.dumps({"predictions": predictions}, cls=NumpyEncoder)
 
 
 def as_frame(data: Any) -> Any:
     """A parsed request as a DataFrame when it is columns of equal length (MLflow parses
-    `inputs`/`instances` payloads into a dict of arrays), so it can be merged; else as is."""
+    `inputs`/`instances` payloads into a dict of arrays), so its rows can be counted and the
+    model reads its columns by name; else as is."""
     if isinstance(data, dict) and data:
         try:
             return pd.DataFrame({name: np.atleast_1d(value) for name, value in data.items()})

@@ -7,7 +7,6 @@ model's code; `predict_paths` is how every workflow calls a model: exactly as it
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import math
@@ -34,14 +33,15 @@ from skinml.core.labels import CLASSES, ISIC_COLUMNS, PROBABILITY_COLUMNS, proba
 from skinml.data.clinical import encode_clinical
 from skinml.data.decode import open_rgb
 from skinml.data.preprocess import Preprocess
-from skinml.tracking.pyfunc import MAX_PIXELS
+from skinml.inference.decoder import MAX_PIXELS
+from skinml.inference.requests import encode_image
 from skinml.tracking.store import store_hint
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = 1
 PACKAGE = Path(__file__).parents[1]  # the skinml package, copied into every logged model
-ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+ENTRY = PACKAGE / "inference" / "pyfunc_entry.py"  # the file MLflow builds the model from
 # Image files read and encoded per predict call: a 10,000-image set never sits in memory as
 # base64 at once (the model then runs each call in chunks of its own).
 FILE_CHUNK, FILE_CHUNK_MB = 256, 64
@@ -92,10 +92,6 @@ def save_weights(path: Path, weights: dict[str, torch.Tensor], meta: dict[str, A
     same architecture and preprocessing as `meta`)."""
     payload = {"format": WEIGHTS_FORMAT, "meta": meta}
     torch.save(payload | ({"members": members} if members else {"weights": weights}), path)
-
-
-def encode_image(image_bytes: bytes) -> str:
-    return base64.b64encode(image_bytes).decode("ascii")
 
 
 

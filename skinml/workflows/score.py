@@ -11,7 +11,6 @@ the same files in the same order (a digest of their paths) and the same model, a
 
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import io
@@ -33,13 +32,13 @@ from skinml.core.errors import SkinmlError, first_line
 from skinml.core.files import replaced_atomically
 from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.data.image_files import ImageSources
+from skinml.inference.requests import BadInput, encode_image
 from skinml.tracking.logged_model import (
     isic_submission,
     load_model,
     model_identity,
     note_images_alone,
 )
-from skinml.tracking.pyfunc import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +247,7 @@ def _predict_chunk(model, part: list[str], files: list[tuple[int, bytes | str]],
     good = [(index, raw) for index, raw in files if isinstance(raw, bytes)]
     failed = [(index, raw) for index, raw in files if isinstance(raw, str)]
     while good:
-        frame = pd.DataFrame({"image": [base64.b64encode(raw).decode("ascii")
-                                        for _, raw in good]})
+        frame = pd.DataFrame({"image": [encode_image(raw) for _, raw in good]})
         try:
             table = model.predict(frame, params={"tta": tta})
         except BadInput as exc:

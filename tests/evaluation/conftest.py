@@ -7,9 +7,9 @@ import torch
 from mlflow.pyfunc import PythonModelContext
 
 from skinml.core.config import ModelConfig
+from skinml.inference.pyfunc import SkinLesionModel
 from skinml.models import build_model
 from skinml.tracking.logged_model import model_meta, save_weights
-from skinml.tracking.pyfunc import SkinLesionModel
 
 
 @pytest.fixture(scope="module")

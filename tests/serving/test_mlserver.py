@@ -158,20 +158,18 @@ def test_a_bad_row_on_invocations_is_400_with_our_reason(served):
 def test_without_mlserver_installed_the_error_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlserver_mlflow", None)  # import fails as if absent
     with pytest.raises(SkinmlError, match=r"pip install 'skinml\[mlserver\]'"):
-        mlserver_folder("models:/m-0", tmp_path, "127.0.0.1", free_port(), 64, 5)
+        mlserver_folder("models:/m-0", tmp_path, "127.0.0.1", free_port())
 
 
-def test_batches_default_to_16_rows_waiting_5_ms(served):
-    """A batch waits for as many requests as the last one held or the time, so it is about
-    the number of concurrent clients rather than the in-model coalescer's 64. MLServer's own
-    batching stays off (the runtime batches each client's request after judging it)."""
-    assert "SKINML_SERVE_MAX_BATCH" not in os.environ
+def test_the_model_batches_mlserver_requests_as_under_mlflow_models_serve(served):
+    """One batching path: MLServer's adaptive batching stays off and the runtime keeps no
+    batcher of its own; concurrent requests meet in the model's coalescer."""
     (settings,) = (served["root"] / "cache" / "mlserver").glob("*/model/model-settings.json")
     written = json.loads(settings.read_text())
     extra = written["parameters"]["extra"]
-    assert (extra["max_batch_rows"], extra["max_wait_ms"]) == (16, 5)
     assert (extra["max_rows"], extra["max_request_mb"]) == (8, 0.5)  # as the fixture set
     assert "max_batch_size" not in written and "max_batch_time" not in written
+    assert set(extra) == {"max_rows", "max_request_mb"}
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

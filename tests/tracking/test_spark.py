@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from skinml.core.labels import PROBABILITY_COLUMNS
-from skinml.tracking.logged_model import encode_image, example_jpeg, load_model
+from skinml.inference.requests import encode_image
+from skinml.tracking.logged_model import example_jpeg, load_model
 
 from ..conftest import NAME, SAMPLE_IMAGES, LoggedModel, image_frame, isolated_tracking
 
@@ -132,6 +133,6 @@ def test_a_bad_image_fails_the_task_with_the_models_one_line_reason(spark, champ
     with pytest.raises(PythonException) as caught:
         images.select(scoring_udf(spark, CHAMPION)("image")).collect()
     reason = str(caught.value).strip().splitlines()[-1]
-    assert reason == ("skinml.tracking.pyfunc.BadInput: row 2: image: cannot decode image "
+    assert reason == ("skinml.inference.requests.BadInput: row 2: image: cannot decode image "
                       "(not a JPEG, PNG or other known image format)"), reason
     assert spark.range(3).count() == 3  # the session lives on

@@ -19,6 +19,7 @@ import pytest
 from skinml.core.errors import SkinmlError
 from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.data.image_files import ImageSources
+from skinml.inference.requests import encode_image
 from skinml.tracking.logged_model import example_jpeg, load_model
 from skinml.workflows import score
 from skinml.workflows.score import ScoreOptions, read_predictions, score_files
@@ -84,7 +85,7 @@ def test_every_file_once_in_order_and_the_bad_ones_in_errors_csv(model, tmp_path
         [str(tmp_path / "archive/batch_0/gone.jpg"),
          "cannot read the file (No such file or directory)"]]
     served = load_model(model.model_uri).predict(pd.DataFrame(
-        {"image": [score.base64.b64encode(Path(p).read_bytes()).decode() for p in good[:12]]}))
+        {"image": [encode_image(Path(p).read_bytes()) for p in good[:12]]}))
     np.testing.assert_allclose(table[PROBS].to_numpy()[:12], served[PROBS].to_numpy(),
                                atol=1e-6)
 
@@ -268,7 +269,7 @@ def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
 def test_mlflow_models_predict_takes_more_rows_than_a_server_would(model, tmp_path):
     """`mlflow models predict` runs the model in its own process, where no request limit
     applies: 300 rows (over a server's 256) predict, equal to in-process predict."""
-    small = [score.base64.b64encode(example_jpeg(str(path), 53)).decode()
+    small = [encode_image(example_jpeg(str(path), 53))
              for path in SAMPLE_IMAGES[:10]]
     rows = pd.DataFrame({"image": [small[i % 10] for i in range(300)]})
     request = tmp_path / "rows.json"

@@ -35,8 +35,7 @@ _LIVE: weakref.WeakSet[Coalescer] = weakref.WeakSet()  # stopped when the interp
 
 def batch_settings(default_max_batch: int = 64) -> tuple[int, float]:
     """(max_batch, max_wait in seconds) from SKINML_SERVE_MAX_BATCH (64) and
-    SKINML_SERVE_MAX_WAIT_MS (5); MLServer's adaptive batching reads the same (its own
-    default batch: serving.MLSERVER_MAX_BATCH)."""
+    SKINML_SERVE_MAX_WAIT_MS (5): the one batching of every server and in-process call."""
     return (max(1, int(os.environ.get(MAX_BATCH_ENV, default_max_batch))),
             max(0.0, float(os.environ.get(MAX_WAIT_ENV, "5"))) / 1000)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import gc
 import threading
-import time
 import tracemalloc
 
 import numpy as np
@@ -20,11 +19,12 @@ from skinml.core.labels import PROBABILITY_COLUMNS
 from skinml.data.decode import decode_to_frame
 from skinml.data.preprocess import Preprocess
 from skinml.evaluation.calibration import apply_temperature
-from skinml.tracking import pyfunc
-from skinml.tracking.logged_model import encode_image, example_jpeg
+from skinml.inference import decoder as decoding
+from skinml.inference import requests
+from skinml.inference.requests import encode_image
+from skinml.tracking.logged_model import example_jpeg
 
-from ..conftest import SAMPLE_IMAGES, b64, cuda_test, image_frame
-from .conftest import TEMPERATURE
+from ..conftest import SAMPLE_IMAGES, TEMPERATURE, b64, cuda_test, image_frame
 
 IMAGES = SAMPLE_IMAGES[:5]
 
@@ -60,23 +60,23 @@ def test_limits_apply_only_behind_mlflows_scoring_server(monkeypatch):
     a user's own process (predict, `mlflow models predict`, spark_udf) has none."""
     from mlflow.pyfunc import scoring_server
 
-    assert pyfunc.SCORING_SERVER_ENV == scoring_server._SERVER_MODEL_PATH
-    monkeypatch.delenv(pyfunc.SCORING_SERVER_ENV, raising=False)
-    monkeypatch.setenv(pyfunc.MAX_ROWS_ENV, "2")
-    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(None, None)
-    monkeypatch.setenv(pyfunc.SCORING_SERVER_ENV, "file:///models/m-1")
-    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(2, 64)
-    monkeypatch.delenv(pyfunc.MAX_ROWS_ENV)
-    assert pyfunc.RequestLimits.for_this_process() == pyfunc.RequestLimits(256, 64)
+    assert requests.SCORING_SERVER_ENV == scoring_server._SERVER_MODEL_PATH
+    monkeypatch.delenv(requests.SCORING_SERVER_ENV, raising=False)
+    monkeypatch.setenv(requests.MAX_ROWS_ENV, "2")
+    assert requests.RequestLimits.for_this_process() == requests.RequestLimits(None, None)
+    monkeypatch.setenv(requests.SCORING_SERVER_ENV, "file:///models/m-1")
+    assert requests.RequestLimits.for_this_process() == requests.RequestLimits(2, 64)
+    monkeypatch.delenv(requests.MAX_ROWS_ENV)
+    assert requests.RequestLimits.for_this_process() == requests.RequestLimits(256, 64)
 
 
 def test_an_oversized_request_is_refused_before_decoding(logged_model, monkeypatch):
     served = logged_model.unwrap_python_model()
-    assert served.limits == pyfunc.RequestLimits(None, None)  # loaded in this process
-    monkeypatch.setattr(served, "limits", pyfunc.RequestLimits(max_rows=2))
+    assert served.limits == requests.RequestLimits(None, None)  # loaded in this process
+    monkeypatch.setattr(served, "limits", requests.RequestLimits(max_rows=2))
     with pytest.raises(MlflowException, match=r"request has 3 images; at most 2 per request"):
         logged_model.predict(pd.DataFrame({"image": ["not even base64"] * 3}))
-    monkeypatch.setattr(served, "limits", pyfunc.RequestLimits(max_mb=0.00001))
+    monkeypatch.setattr(served, "limits", requests.RequestLimits(max_mb=0.00001))
     with pytest.raises(MlflowException, match=r"request holds 0.0 MB of images; at most 1e-05"):
         logged_model.predict(pd.DataFrame({"image": ["not even base64"] * 3}))
 
@@ -115,9 +115,9 @@ def test_parallel_decode_gives_the_training_caches_pixels(logged_model):
     served = logged_model.unwrap_python_model()
     height, width = served.preprocess.frame
     encoded = [b64(path) for path in IMAGES]
-    serial = np.concatenate(list(pyfunc.ParallelDecoder((height, width), workers=1)
+    serial = np.concatenate(list(decoding.ParallelDecoder((height, width), workers=1)
                                  .chunks(encoded, 2)))
-    parallel = np.concatenate(list(pyfunc.ParallelDecoder((height, width), workers=4)
+    parallel = np.concatenate(list(decoding.ParallelDecoder((height, width), workers=4)
                                    .chunks(encoded, 2)))
     cache = np.stack([decode_to_frame(path, height, width) for path in IMAGES])
     assert serial.dtype == np.uint8 and serial.shape == (5, height, width, 3)
@@ -167,13 +167,13 @@ def test_the_batched_jpeg_path_feeds_the_network_as_the_cpu_decode_does(logged_m
 
 
 def test_gpu_decode_is_opted_into_and_only_on_cuda(monkeypatch):
-    decoder = pyfunc.ParallelDecoder((40, 53))
-    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "1")
+    decoder = decoding.ParallelDecoder((40, 53))
+    monkeypatch.setenv(decoding.GPU_DECODE_ENV, "1")
     decoder.use(torch.device("cpu"))
     assert decoder.gpu is None
     decoder.use(torch.device("cuda", 0))
     assert decoder.gpu == torch.device("cuda", 0)
-    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "0")
+    monkeypatch.setenv(decoding.GPU_DECODE_ENV, "0")
     decoder.use(torch.device("cuda", 0))
     assert decoder.gpu is None
 
@@ -182,26 +182,27 @@ def test_gpu_decode_is_opted_into_and_only_on_cuda(monkeypatch):
 def test_on_cuda_gpu_decode_answers_as_the_cpu_decode(logged_model, monkeypatch):
     served = logged_model.unwrap_python_model()
     cpu = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
-    monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "1")
+    monkeypatch.setenv(decoding.GPU_DECODE_ENV, "1")
     try:
         served.to("cuda")
         assert served.decoder.gpu is not None
         gpu = logged_model.predict(image_frame(IMAGES))[list(PROBABILITY_COLUMNS)].to_numpy()
     finally:
-        monkeypatch.setenv(pyfunc.GPU_DECODE_ENV, "0")
+        monkeypatch.setenv(decoding.GPU_DECODE_ENV, "0")
         served.to("cpu")
     np.testing.assert_allclose(gpu, cpu, atol=1e-2)  # nvjpeg's upsampling differs slightly
 
 
 @pytest.mark.timeout(60)
 def test_the_decode_threads_end_with_the_decoder():
-    decoder = pyfunc.ParallelDecoder((40, 53), workers=3)
+    before = set(threading.enumerate())
+    decoder = decoding.ParallelDecoder((40, 53), workers=3)
     rows = [b64(path) for path in SAMPLE_IMAGES[:6]]
     assert len(np.concatenate(list(decoder.chunks(rows, 6)))) == 6
-    assert any(t.name.startswith("skinml-decode") for t in threading.enumerate())
+    mine = [t for t in set(threading.enumerate()) - before if t.name.startswith("skinml-decode")]
+    assert mine
     del decoder
     gc.collect()
-    deadline = time.monotonic() + 30
-    while any(t.name.startswith("skinml-decode") for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "decode threads outlived their decoder"
-        time.sleep(0.05)
+    for thread in mine:
+        thread.join(30)
+        assert not thread.is_alive(), "a decode thread outlived its decoder"

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from skinml.tracking.pyfunc import SkinLesionModel
+from skinml.inference.pyfunc import SkinLesionModel
 
 set_model(SkinLesionModel())

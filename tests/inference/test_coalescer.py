@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from skinml.tracking import coalescer as module
-from skinml.tracking.coalescer import Coalescer
+from skinml.inference import coalescer as module
+from skinml.inference.coalescer import Coalescer
 
 
 class Recorder:
