@@ -19,7 +19,8 @@ from ..conftest import FIXTURES, SAMPLE_IMAGES, image_frame
 
 # (fixture, the import line its entry holds): one model per place the class has lived
 LOGGED = [("legacy-model-60b1735", "from skinml.packaging import SkinLesionModel"),
-          ("model-deeffd3", "from skinml.tracking.pyfunc import SkinLesionModel")]
+          ("model-deeffd3", "from skinml.tracking.pyfunc import SkinLesionModel"),
+          ("model-f1bb492", "from skinml.inference.pyfunc import SkinLesionModel")]
 
 
 def unpacked(name: str, folder: Path) -> Path:
