@@ -210,7 +210,3 @@ def finished_runs(experiment_id: str, order_by: str) -> list[Run]:
                               filter_string="attributes.status = 'FINISHED'",
                               order_by=[order_by], max_results=1000)
 
-
-def tracking_uri() -> str:
-    """The store this process reads and writes (for messages naming it)."""
-    return mlflow.get_tracking_uri()

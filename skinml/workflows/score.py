@@ -128,14 +128,6 @@ def score_files(options: ScoreOptions) -> ScoreResult:
                        resumed_at, time.perf_counter() - started)
 
 
-def read_predictions(out: Path) -> pd.DataFrame:
-    """All parts of an output folder as one table (for tests and small outputs)."""
-    manifest = json.loads((Path(out) / MANIFEST).read_text())
-    parts = _part_files(Path(out), manifest["identity"]["output_format"])
-    tables = [_read_part(path) for path in parts]
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-
-
 def _open_output(options: ScoreOptions, identity: dict[str, Any]) -> _Progress:
     out = options.out
     manifest_path = out / MANIFEST

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -22,13 +24,21 @@ def test_batches_follow_the_order_and_keep_labels_aligned():
     assert len(list(batches.epoch(np.arange(5), drop_last=True))) == 2
 
 
-def test_stopping_early_does_not_hang():
+@pytest.mark.timeout(30)  # a consumer that stops early used to be able to hang here
+def test_stopping_early_drops_the_queued_batches_and_ends_the_gatherer():
     images = np.zeros((100, 2, 2, 3), dtype=np.uint8)
     batches = CachedBatches(images, np.arange(100), np.zeros(100), 1, torch.device("cpu"),
                             prefetch=1)
-    for i, _ in enumerate(batches.epoch()):
-        if i == 2:
-            break
+    before = set(threading.enumerate())
+    epoch = batches.epoch()
+    taken = [next(epoch) for _ in range(3)]
+    gatherers = [t for t in set(threading.enumerate()) - before
+                 if t.name.startswith("skinml-batches")]
+    epoch.close()  # what a `break` out of the loop does
+    assert len(taken) == 3 and gatherers
+    for thread in gatherers:
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 def test_clinical_vectors_ride_with_their_own_rows():

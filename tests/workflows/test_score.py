@@ -22,7 +22,7 @@ from skinml.data.image_files import ImageSources
 from skinml.inference.requests import encode_image
 from skinml.tracking.logged_model import example_jpeg, load_model
 from skinml.workflows import score
-from skinml.workflows.score import ScoreOptions, read_predictions, score_files
+from skinml.workflows.score import MANIFEST, PARTS, ScoreOptions, score_files
 
 from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel, log_tiny_model
 
@@ -55,6 +55,17 @@ def archive(root: Path, images: int) -> Path:
 def options(model: LoggedModel, sources: list[str], out: Path, **more) -> ScoreOptions:
     return ScoreOptions(model_uri=model.model_uri, sources=ImageSources.resolve(sources),
                         out=out, progress=False, **more)
+
+
+def read_predictions(out: Path) -> pd.DataFrame:
+    """Every committed part of an output folder, as one table (parts past the manifest's
+    count are a killed run's, not committed)."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    fmt = manifest["identity"]["output_format"]
+    parts = sorted((out / PARTS).glob(f"part-*.{fmt}"))[:manifest["progress"]["parts"]]
+    tables = [pd.read_csv(path, dtype={"path": str, "image": str}) if fmt == "csv"
+              else pd.read_parquet(path) for path in parts]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 def errors_of(out: Path) -> list[list[str]]:
