@@ -40,7 +40,7 @@ from skinml.tracking.logged_model import load_model
 from skinml.tracking.store import use_store
 from skinml.training.checkpoint import Checkpoint, checkpoint_path
 from skinml.training.choices import load_run_config
-from skinml.training.engine import fit, train_one_epoch
+from skinml.training.engine import EpochResult, fit, train_one_epoch
 from skinml.training.recipe import LoopSettings
 from skinml.workflows.prepared import batches_for, prepare_data
 from skinml.workflows.train import build_recipe, train
@@ -270,7 +270,7 @@ def _resume(plan: Plan, data_dir: Path, work: Path, shared: dict) -> Row:
     clinical = config.model.metadata != "none"
     train = batches_for(data, "train", config.optim.batch_size, plan.device, clinical)
     val = batches_for(data, "val", config.runtime.eval_batch_size, plan.device, clinical)
-    epochs = []
+    epochs: list[EpochResult] = []
     started = time.perf_counter()
     recipe = build_recipe(config, train.labels, plan.device)
     checkpoint = Checkpoint(path, config.to_dict())

@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, cast
 
 import pandas as pd
 
@@ -110,7 +111,8 @@ def mlflow_predict_memory(model_uri: str, images: list[Path], rows: int, work: P
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise RuntimeError(f"mlflow models predict failed: {process.stderr.read()[-2000:]}")
+        reason = cast(IO[bytes], process.stderr).read()[-2000:]  # stderr=PIPE: a stream
+        raise RuntimeError(f"mlflow models predict failed: {reason.decode(errors='replace')}")
     request.unlink()
     return MemoryUse(rows, input_mb, before_mb=float("nan"), peak_mb=usage.ru_maxrss / 1024,
                      seconds=seconds)

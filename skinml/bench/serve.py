@@ -197,10 +197,16 @@ def one_image_body(encoded: str, v2: bool) -> bytes:
     return json.dumps({"inputs": {"image": [encoded]}}).encode()
 
 
+def _connection(url: str) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None:
+        raise ValueError(f"no host in {url!r}")
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+
+
 def _post_once(url: str, path: str, body: bytes) -> bool:
     """One request on a connection of its own, closed after the answer."""
-    parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    connection = _connection(url)
     try:
         connection.request("POST", path, body, {"Content-Type": "application/json",
                                                 "Connection": "close"})
@@ -215,8 +221,7 @@ class _KeptConnection:
     """One HTTP/1.1 connection reused for every request of one client."""
 
     def __init__(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        self.connection = _connection(url)
 
     def post(self, path: str, body: bytes) -> bool:
         """True for a 2xx answer (read whole, so the connection can carry the next one)."""

@@ -26,7 +26,7 @@ class Row:
     ratio: str = ""
     seconds: float = 0.0
     peak_gpu_mib: float | None = None
-    values: dict[str, float | str] = field(default_factory=dict)
+    values: dict[str, float | str | None] = field(default_factory=dict)  # None: not measured
 
     @property
     def failed(self) -> bool:

@@ -14,10 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -76,6 +78,8 @@ def _timed(name: str, batches: Iterator, count: int, device: torch.device, warmu
         if i + 1 >= warmup + count:
             break
     synchronize(device)
+    if started is None:
+        raise ValueError(f"{name}: no batch came after the {warmup} warm-up ones")
     return Throughput(name, images, time.perf_counter() - started)
 
 
@@ -137,7 +141,9 @@ def bench_train(config: Config, steps: int, data: PreparedData | None = None,
                                                                    pretrained=False))
     recipe = build_recipe(config, train.labels, device)  # exactly what training builds
     model, tools = recipe.model, recipe.tools
-    runner = torch.compile(model, backend=compile_backend) if config.runtime.compile else model
+    runner = model
+    if config.runtime.compile:  # torch types the compiled Module as a callable; it is a Module
+        runner = cast(nn.Module, torch.compile(model, backend=compile_backend))
     started = time.perf_counter()
     train_one_epoch(runner, _take(_device_batches(train, config), 3), tools)
     synchronize(device)

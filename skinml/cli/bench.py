@@ -89,8 +89,8 @@ def bench_train(config_path: str | None, data_dir: str | None, sets: tuple[str, 
     click.echo(f"machine: {machine()}; {config.model.arch}, {config.model.image_size} px, "
                f"batch {config.optim.batch_size}, amp {config.runtime.amp}, channels_last "
                f"{config.runtime.channels_last}, compile {config.runtime.compile}")
-    for result in (end_to_end, ceiling):
-        click.echo(f"{result.per_second:10.1f} images/s  {result.name}")
+    for throughput in (end_to_end, ceiling):
+        click.echo(f"{throughput.per_second:10.1f} images/s  {throughput.name}")
     click.echo(f"end to end / ceiling: {100 * end_to_end.per_second / ceiling.per_second:.0f}% "
                "(target >= 90% on a GPU)")
 
@@ -174,10 +174,11 @@ def bench_serve(model_uri: str, url: str | None, servers: str, image: Path | Non
     clients = _client_counts(concurrency)
     targets = _serve_targets("mlserver" if mlserver else servers, workers, url)
     model = load_model(model_uri)
+    own_url = url.rstrip("/") if url else ""  # the target without options is --url's server
     results = []
     for name, options in targets:
         server = running_server(model_uri, **options) if options is not None else None
-        with server or contextlib.nullcontext(url.rstrip("/")) as base:
+        with server or contextlib.nullcontext(own_url) as base:
             latency = run(model, image, base, count, batch)
             endpoints = ["invocations", *(["v2"] if serves_v2(base) else [])]
             loads = [(n, endpoint, keep, bench_paired(

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,8 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     return cls(**checked)
 
 
-def _check_value(key: str, value: Any, hint: Any, rules: dict[str, Any], source: str) -> Any:
+def _check_value(key: str, value: Any, hint: Any, rules: Mapping[str, Any], source: str
+                 ) -> Any:
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         if type(None) in allowed:

@@ -74,7 +74,7 @@ class TrainAugment(nn.Module):
             torch.stack([sin * half_w / height * flip_x, cos * half_h / height * flip_y,
                          centre_y], 1),
         ], 1)
-        size = (batch, x.shape[1], self.image_size, self.image_size)
+        size = [batch, x.shape[1], self.image_size, self.image_size]
         grid = F.affine_grid(theta, size, align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                              align_corners=False)

@@ -75,7 +75,7 @@ def _age(value: Any) -> np.ndarray | str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"age must be a number of years or null, got {_shown(value)}"
-    if not 0 <= value <= MAX_AGE:
+    if value < 0 or not value <= MAX_AGE:  # NaN (a numpy one) fails the second
         return f"age must be between 0 and {MAX_AGE:g} years, got {_shown(value)}"
     return np.array([float(value) / AGE_SCALE, 0.0], dtype=np.float32)
 

@@ -76,8 +76,10 @@ class CachedBatches:
                     future.cancel()
 
     def _to_device(self, batch: Batch) -> Batch:
-        return Batch(*(None if part is None else part.to(self.device, non_blocking=True)
-                       for part in batch))
+        def move(part: torch.Tensor) -> torch.Tensor:
+            return part.to(self.device, non_blocking=True)
+        return Batch(move(batch.images), move(batch.labels),
+                     None if batch.clinical is None else move(batch.clinical))
 
     def _gather(self, positions: np.ndarray) -> Batch:
         positions = positions[np.argsort(self.rows[positions], kind="stable")]

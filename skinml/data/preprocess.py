@@ -43,7 +43,7 @@ class Preprocess:
     def from_meta(cls, meta: dict[str, Any]) -> Preprocess:
         frame = meta.get("frame")
         return cls(int(meta["image_size"]), float(meta["crop_pct"]),
-                   tuple(int(v) for v in frame) if frame else None)
+                   (int(frame[0]), int(frame[1])) if frame else None)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -63,6 +63,9 @@ def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Normalize(nn.Module):
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    std: torch.Tensor
+
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))

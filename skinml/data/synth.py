@@ -139,7 +139,7 @@ def _class_counts(n: int) -> dict[str, int]:
 
 
 def _metadata(n: int, rng: np.random.Generator) -> pd.DataFrame:
-    rows = []
+    rows: list[dict[str, object]] = []
     locations = list(_LOCALIZATIONS)
     location_p = np.array(list(_LOCALIZATIONS.values()), dtype=float)
     location_p /= location_p.sum()

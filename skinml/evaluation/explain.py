@@ -33,9 +33,13 @@ def grad_cam(network: nn.Module, inputs: torch.Tensor, class_index: int | None =
     its clinical vector (1, WIDTH) for a fusion model)."""
     layer = target_layer(network)
     captured: dict[str, torch.Tensor] = {}
+
+    def keep_grad(module: nn.Module, grad_input: tuple[torch.Tensor, ...],
+                  grad_output: tuple[torch.Tensor, ...]) -> None:
+        captured["grad"] = grad_output[0]
+
     forward = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("act", o))
-    backward = layer.register_full_backward_hook(
-        lambda m, gi, go: captured.__setitem__("grad", go[0]))
+    backward = layer.register_full_backward_hook(keep_grad)
     try:
         network.eval()
         inputs = inputs.clone().requires_grad_(True)
@@ -64,6 +68,8 @@ def cam_on_image(cam: np.ndarray, image: Image.Image, preprocess: Preprocess) ->
     would make every CAM look centred); past the crop the map fades to zero within half a
     cell (the network never saw those pixels), so there is no hard edge.
     """
+    if preprocess.frame is None:
+        raise ValueError("Grad-CAM maps onto the image through preprocess.frame; it has none")
     height, width = preprocess.frame
     cover = max(height / image.height, width / image.width)  # decode.fit_to_frame
     shrink = preprocess.resize / min(height, width)  # preprocess.resize_shorter

@@ -204,11 +204,11 @@ def paired_balanced_accuracy(labels: np.ndarray, probs_a: np.ndarray, probs_b: n
     labels = np.asarray(labels)
     hit_a = predictions(probs_a) == labels
     hit_b = predictions(probs_b) == labels
-    recalls_a, recalls_b = [], []
+    resampled_a, resampled_b = [], []
     for rows in lesion_resamples(groups, n_boot, seed):
-        recalls_a.append(_class_recalls(labels[rows], hit_a[rows]))
-        recalls_b.append(_class_recalls(labels[rows], hit_b[rows]))
-    recalls_a, recalls_b = np.asarray(recalls_a), np.asarray(recalls_b)
+        resampled_a.append(_class_recalls(labels[rows], hit_a[rows]))
+        resampled_b.append(_class_recalls(labels[rows], hit_b[rows]))
+    recalls_a, recalls_b = np.asarray(resampled_a), np.asarray(resampled_b)
     # Balanced accuracy is the mean recall over the classes present in that resample.
     score_a, score_b = np.nanmean(recalls_a, axis=1), np.nanmean(recalls_b, axis=1)
     whole_a, whole_b = _class_recalls(labels, hit_a), _class_recalls(labels, hit_b)

@@ -59,7 +59,7 @@ class Coalescer:
     more to arrive, up to `max_batch`.
     """
 
-    def __init__(self, run: Callable[[Any, Hashable], np.ndarray], max_batch: int = 64,
+    def __init__(self, run: Callable[[Any, Any], np.ndarray], max_batch: int = 64,
                  max_wait: float = 0.005,
                  concat: Callable[[list[Any]], Any] = np.concatenate,
                  timeout: float = TIMEOUT_SECONDS) -> None:
@@ -72,7 +72,7 @@ class Coalescer:
         _LIVE.add(self)
 
     @classmethod
-    def from_environment(cls, run: Callable[[Any, Hashable], np.ndarray],
+    def from_environment(cls, run: Callable[[Any, Any], np.ndarray],
                          concat: Callable[[list[Any]], Any] = np.concatenate) -> Coalescer:
         max_batch, max_wait = batch_settings()
         timeout = float(os.environ.get(TIMEOUT_ENV, TIMEOUT_SECONDS))

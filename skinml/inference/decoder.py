@@ -85,16 +85,17 @@ class ParallelDecoder:
     def _raw(value: Any, row: int) -> bytes:
         return decode_base64(value, row)
 
-    def _on_gpu(self, values: list[Any], offset: int) -> torch.Tensor:
+    def _on_gpu(self, values: list[Any], offset: int, gpu: torch.device) -> torch.Tensor:
         raws = [self._raw(value, offset + i) for i, value in enumerate(values)]
         try:
-            return decode_batch(raws, *self.frame, self.gpu, max_pixels=MAX_PIXELS).pixels
+            return decode_batch(raws, *self.frame, gpu, max_pixels=MAX_PIXELS).pixels
         except CorruptRowError as exc:
             raise bad_row(offset + exc.row, str(exc)) from None
 
     def _submit(self, values: list[Any], offset: int) -> _Pending:
         if self.gpu is not None:
-            return _Pending([self._executor().submit(self._on_gpu, values, offset)], whole=True)
+            return _Pending([self._executor().submit(self._on_gpu, values, offset, self.gpu)],
+                            whole=True)
         if len(values) == 1 or self.workers == 1:
             done: list[Future] = []
             for i, value in enumerate(values):

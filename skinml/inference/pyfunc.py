@@ -16,12 +16,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+from mlflow.pyfunc import PythonModel
 
 from skinml.core.config import ModelConfig
 from skinml.core.labels import CLASSES, DIAGNOSES, PROBABILITY_COLUMNS
@@ -37,7 +37,7 @@ from skinml.models import build_model, run_network
 CHUNK = 64
 
 
-class SkinLesionModel(mlflow.pyfunc.PythonModel):
+class SkinLesionModel(PythonModel):
     """pyfunc: DataFrame column `image` (base64 JPEG/PNG) -> label, diagnosis, confidence, p_*.
 
     A fusion model also reads the optional columns `age`, `sex` and `localization`; a
@@ -72,6 +72,8 @@ class SkinLesionModel(mlflow.pyfunc.PythonModel):
         self.temperature = self.temperatures[0] if len(members) == 1 else math.nan
         self.transform = self.preprocess.eval_transform().to(self.device)
         self.limits = RequestLimits.for_this_process()
+        if self.preprocess.frame is None:  # every logged model has one (model_meta)
+            raise MlflowException("model meta has no frame to fit images to")
         self.decoder = ParallelDecoder(self.preprocess.frame, device=self.device)
         # Concurrent requests (the scoring server's threads) share forward passes.
         self.coalesce = Coalescer.from_environment(self._forward, concat=_concat)
@@ -160,8 +162,8 @@ def _concat(parts: list[_Rows]) -> _Rows:
     tensors = [chunk for chunk in chunks if isinstance(chunk, torch.Tensor)]
     pixels = np.concatenate(chunks) if not tensors else torch.cat(
         [torch.as_tensor(chunk, device=tensors[0].device) for chunk in chunks])
-    clinical = [part.clinical for part in parts]
-    return _Rows(pixels, None if clinical[0] is None else np.concatenate(clinical))
+    clinical = [part.clinical for part in parts if part.clinical is not None]
+    return _Rows(pixels, np.concatenate(clinical) if clinical else None)
 
 
 def probability_table(probs: np.ndarray) -> pd.DataFrame:

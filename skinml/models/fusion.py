@@ -10,6 +10,8 @@ each field is hidden at random (`dropout`) so the model keeps working without th
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -21,6 +23,8 @@ EMBEDDING = 32
 class ClinicalEncoder(nn.Module):
     """(B, WIDTH) clinical vectors -> (B, EMBEDDING); in training each field of each row is
     replaced by its missing value with probability `dropout`."""
+
+    missing: torch.Tensor  # a buffer: the all-missing clinical vector
 
     def __init__(self, dropout: float = 0.25, width: int = EMBEDDING) -> None:
         super().__init__()
@@ -56,7 +60,7 @@ class FusionNet(nn.Module):
     def __init__(self, backbone: nn.Module, fusion: str, num_classes: int,
                  drop_rate: float = 0.0, dropout: float = 0.25) -> None:
         super().__init__()
-        features = backbone.fc.in_features
+        features = cast(nn.Linear, backbone.fc).in_features
         backbone.fc = nn.Identity()
         self.backbone = backbone
         self.fusion = fusion
@@ -64,7 +68,7 @@ class FusionNet(nn.Module):
         if fusion == "film":
             # Zero at the start: the fused model begins as the image model, and learns how
             # far to let the metadata move its features.
-            self.film = nn.Linear(EMBEDDING, 2 * features)
+            self.film: nn.Linear | None = nn.Linear(EMBEDDING, 2 * features)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
             head_in = features

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 from urllib.error import URLError
 
 import torch
@@ -58,7 +59,7 @@ class SmallResNeXt(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         for block in self.layers:  # start each residual branch at zero, as torchvision offers
-            nn.init.zeros_(block.bn3.weight)
+            nn.init.zeros_(cast(nn.BatchNorm2d, block.bn3).weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
@@ -104,7 +105,7 @@ def build_model(config: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Modul
     if config.metadata != "none":
         return FusionNet(model, config.metadata, num_classes, drop_rate=config.drop_rate,
                          dropout=config.metadata_dropout)
-    head = nn.Linear(model.fc.in_features, num_classes)
+    head = nn.Linear(cast(nn.Linear, model.fc).in_features, num_classes)
     model.fc = nn.Sequential(nn.Dropout(config.drop_rate), head) if config.drop_rate else head
     return model
 

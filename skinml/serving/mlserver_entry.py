@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,7 +37,7 @@ async def invalid_body(request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=400)
 
 
-def describe(errors: list[dict]) -> str:
+def describe(errors: Sequence[dict]) -> str:
     """'request body is not valid JSON' or 'request body: inputs.0.shape: Field required'
     (and how many more problems there are)."""
     if not errors:

@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
@@ -164,7 +164,7 @@ def serve_until_stopped(command: list[str], env: dict[str, str], host: str, port
     """
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True)
-    output = ServerOutput(process.stdout, sys.stderr.buffer)
+    output = ServerOutput(cast(BinaryIO, process.stdout), sys.stderr.buffer)  # stdout=PIPE
     previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(process, signal.SIGINT))
     try:
         try:

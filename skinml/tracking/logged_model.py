@@ -12,9 +12,10 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import numpy as np
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PyFuncModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import AnyType
 from PIL import Image
@@ -74,13 +76,14 @@ def model_meta(model: ModelConfig, frame: tuple[int, int], temperature: float = 
     `temperature` (fitted on validation) divides the logits, so served probabilities are
     calibrated.
     """
-    preprocess = Preprocess(model.image_size, model.crop_pct, tuple(frame))
+    height, width = frame
+    preprocess = Preprocess(model.image_size, model.crop_pct, (height, width))
     return {"arch": model.arch, "drop_rate": model.drop_rate, "classes": list(CLASSES),
             **preprocess.to_meta(), "temperature": float(temperature),
             "metadata": model.metadata}
 
 
-def reads_clinical(model: mlflow.pyfunc.PyFuncModel) -> bool:
+def reads_clinical(model: PyFuncModel) -> bool:
     """Whether a loaded model takes age, sex and localization (a fusion model)."""
     schema = model.metadata.get_input_schema()
     return schema is not None and "localization" in schema.input_names()
@@ -102,8 +105,8 @@ def pinned_requirements() -> list[str]:
 
 def example_jpeg(path: str, max_side: int = 96) -> bytes:
     """A small JPEG of a real image: the logged model's input example."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
         image.thumbnail((max_side, max_side))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
@@ -138,7 +141,7 @@ def log_model(weights: dict[str, torch.Tensor], meta: dict[str, Any], example_im
         )
 
 
-def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+def load_model(model_uri: str) -> PyFuncModel:
     """mlflow.pyfunc.load_model with a one-line error for a bad URI."""
     try:
         return mlflow.pyfunc.load_model(model_uri)
@@ -148,7 +151,7 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
             from None
 
 
-def note_images_alone(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> None:
+def note_images_alone(model: PyFuncModel, model_uri: str) -> None:
     """Say once that a fusion model scoring files gets no metadata (image files carry none)."""
     if reads_clinical(model):
         log.info("%s reads age, sex and localization; image files carry none, so each image "
@@ -156,7 +159,7 @@ def note_images_alone(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> None:
                  model_uri)
 
 
-def model_identity(model: mlflow.pyfunc.PyFuncModel) -> str:
+def model_identity(model: PyFuncModel) -> str:
     """What names this exact model whatever URI reached it (an alias may move): its logged
     model id, else its MLmodel uuid."""
     metadata = model.metadata
@@ -175,7 +178,7 @@ def predict_files(model_uri: str, paths: list[Path], tta: bool = False) -> pd.Da
     return table
 
 
-def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool = False,
+def predict_paths(model: PyFuncModel, paths: list[str], tta: bool = False,
                   calibrated: bool = True, clinical: pd.DataFrame | None = None
                   ) -> np.ndarray:
     """Class probabilities (rows in `paths` order) of image files, exactly as served.
@@ -184,28 +187,30 @@ def predict_paths(model: mlflow.pyfunc.PyFuncModel, paths: list[str], tta: bool 
     that reads them; an image-only model gets the images alone. Files are read and encoded
     a chunk at a time (`file_chunks`).
     """
-    send = clinical is not None and reads_clinical(model)
-    if send:  # a bad value is named by its image here, not as "row N" of a chunk
+    if clinical is not None and not reads_clinical(model):
+        clinical = None
+    if clinical is not None:  # a bad value is named by its image here, not as "row N" of a chunk
         encode_clinical(clinical, names=[f"image {Path(p).stem}" for p in paths])
     chunks, start = [], 0
     for chunk in file_chunks(paths):
         frame = _encoded(chunk)
-        if send:
+        if clinical is not None:
             rows = clinical.iloc[start:start + len(chunk)]
             frame = frame.assign(**{column: rows[column].to_numpy(dtype=object)
                                     for column in CLINICAL_COLUMNS if column in rows})
         start += len(chunk)
-        table = model.predict(frame, params={"tta": tta, "calibrated": calibrated})
+        answer = model.predict(frame, params={"tta": tta, "calibrated": calibrated})
+        table = cast(pd.DataFrame, answer)  # SkinLesionModel.predict's; mlflow types any output
         chunks.append(table[list(PROBABILITY_COLUMNS)].to_numpy(dtype=np.float64))
     return np.concatenate(chunks)
 
 
-def file_chunks(paths: list[Path], max_files: int | None = None,
-                max_mb: float | None = None) -> list[list[Path]]:
+def file_chunks(paths: Sequence[str | Path], max_files: int | None = None,
+                max_mb: float | None = None) -> list[list[str | Path]]:
     """`paths` cut into calls of at most `max_files` files and `max_mb` MB of base64
     (FILE_CHUNK and FILE_CHUNK_MB by default)."""
     max_files, max_mb = max_files or FILE_CHUNK, max_mb or FILE_CHUNK_MB
-    chunks: list[list[Path]] = [[]]
+    chunks: list[list[str | Path]] = [[]]
     size = 0.0
     for path in paths:
         encoded = 4 * math.ceil(Path(path).stat().st_size / 3)
@@ -217,7 +222,7 @@ def file_chunks(paths: list[Path], max_files: int | None = None,
     return [chunk for chunk in chunks if chunk]
 
 
-def _encoded(paths: list[Path]) -> pd.DataFrame:
+def _encoded(paths: Sequence[str | Path]) -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_image(Path(p).read_bytes()) for p in paths]})
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-from mlflow.entities import LoggedModel, LoggedModelStatus, Run
+from mlflow.entities import DatasetInput, LoggedModel, LoggedModelOutput, LoggedModelStatus, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
@@ -49,10 +49,20 @@ def same_split(run_a: str, run_b: str) -> bool:
     return first is not None and first == second
 
 
+def dataset_inputs(run: Run) -> list[DatasetInput]:
+    """The datasets `run` logged as inputs (none when it has no inputs at all)."""
+    return run.inputs.dataset_inputs if run.inputs else []
+
+
+def model_outputs(run: Run) -> list[LoggedModelOutput]:
+    """The models `run` logged as outputs (none when it has no outputs at all)."""
+    return run.outputs.model_outputs if run.outputs else []
+
+
 def split_signature(run: Run) -> tuple[str, ...] | None:
     """What makes two runs' splits the same images: the digest of each logged split's data
     and the split seed. None when the run did not log them all (then nothing is assumed)."""
-    digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    digests = {i.dataset.name: i.dataset.digest for i in dataset_inputs(run)}
     seed = run.data.params.get("data.split_seed")
     names = [dataset_name(split) for split in SPLITS]
     if seed is None or any(name not in digests for name in names):
@@ -81,15 +91,19 @@ def source_run_id(model_uri: str) -> str:
             return model_uri.removeprefix("runs:/").split("/", 1)[0]
         target = model_uri.removeprefix("models:/")
         if target.startswith("m-"):
-            return client.get_logged_model(target.split("/", 1)[0]).source_run_id
-        if "@" in target:
+            run_id = client.get_logged_model(target.split("/", 1)[0]).source_run_id
+        elif "@" in target:
             model, alias = target.split("@", 1)
-            return client.get_model_version_by_alias(model, alias).run_id
-        model, version = target.rsplit("/", 1)
-        return client.get_model_version(model, version).run_id
+            run_id = client.get_model_version_by_alias(model, alias).run_id
+        else:
+            model, version = target.rsplit("/", 1)
+            run_id = client.get_model_version(model, version).run_id
     except (MlflowException, ValueError):
         raise SkinmlError(f"cannot find the run behind model {model_uri}{store_hint()}") \
             from None
+    if run_id is None:  # registered from a path, or logged outside any run
+        raise SkinmlError(f"model {model_uri} has no training run behind it")
+    return run_id
 
 
 def logged_model_uri(run_id: str) -> str:
@@ -103,7 +117,7 @@ def model_uri_of(run: Run) -> str:
     A run logs one model; a resumed run whose first attempt was interrupted while logging
     deleted that attempt's model, which its outputs still list: the live one is searched.
     """
-    outputs = run.outputs.model_outputs
+    outputs = model_outputs(run)
     if len(outputs) == 1:
         return f"models:/{outputs[0].model_id}"
     live = [m for m in logged_models_of(run.info.run_id, run.info.experiment_id)
@@ -115,8 +129,7 @@ def model_uri_of(run: Run) -> str:
 
 def has_logged_model(run_id: str) -> bool:
     """Whether a run logged a model (a tuning trial logs its model only if it is the best)."""
-    outputs = MlflowClient().get_run(run_id).outputs
-    return bool(outputs is not None and outputs.model_outputs)
+    return bool(model_outputs(MlflowClient().get_run(run_id)))
 
 
 def versions_of_run(name: str, run_id: str) -> list[str]:

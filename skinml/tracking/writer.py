@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import pandas as pd
 import torch
 import yaml
 from matplotlib import pyplot as plt
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -83,10 +85,10 @@ class RunLog:
                 # MLflow's hints about int columns and its two local-source readers say
                 # nothing about this data.
                 warnings.filterwarnings("ignore", message=".*(integer column|multiple ways)")
-                dataset = mlflow.data.from_pandas(subset, source=source, targets="label",
-                                                  name=dataset_name(name))
+                dataset = from_pandas(subset, source=source, targets="label",
+                                      name=dataset_name(name))
                 # Trials of workers sharing a store log the same dataset, maybe at once.
-                retry_create_race(lambda d=dataset, c=context: mlflow.log_input(d, context=c),
+                retry_create_race(partial(mlflow.log_input, dataset, context=context),
                                   f"dataset {dataset.name} ({dataset.digest})")
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
@@ -239,7 +241,8 @@ def _launched_by_mlflow_run() -> bool:
 
 def _git_tags() -> dict[str, str]:
     """The commit of the skinml checkout, when there is one (mlflow run adds its own)."""
-    if mlflow.active_run() and "mlflow.source.git.commit" in mlflow.active_run().data.tags:
+    active = mlflow.active_run()
+    if active and "mlflow.source.git.commit" in active.data.tags:
         return {}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -337,7 +340,7 @@ def log_study_summary(best_value: float | None, best_params: dict[str, Any],
                       search_space: str, pruned_epochs_saved: int) -> None:
     """On the active parent run: best value and params, trial counts, epochs that pruning
     saved, Optuna's figures."""
-    values = {f"trials_{state.lower()}": n for state, n in counts.items()}
+    values: dict[str, float] = {f"trials_{state.lower()}": n for state, n in counts.items()}
     values["pruned_epochs_saved"] = pruned_epochs_saved
     if best_value is not None:
         values["best_val_balanced_accuracy"] = best_value

@@ -80,6 +80,8 @@ class CrossEntropy(nn.Module):
     probability targets, which would change the loss scale whenever mixing is on.
     """
 
+    weight: torch.Tensor | None  # a buffer
+
     def __init__(self, weight: torch.Tensor | None, label_smoothing: float) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -95,6 +97,8 @@ class CrossEntropy(nn.Module):
 
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): down-weights easy examples by (1 - p)^gamma."""
+
+    weight: torch.Tensor | None  # a buffer
 
     def __init__(self, gamma: float, weight: torch.Tensor | None, label_smoothing: float) -> None:
         super().__init__()
@@ -118,6 +122,8 @@ class LogitAdjustedLoss(nn.Module):
     Only the loss sees the shift, so the model's raw logits are Bayes-consistent for
     balanced error and predictions need no post-hoc correction.
     """
+
+    shift: torch.Tensor  # a buffer
 
     def __init__(self, prior: torch.Tensor, tau: float, label_smoothing: float) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -184,7 +185,8 @@ def fit(model: nn.Module, tools: StepTools, train: CachedBatches, val: CachedBat
     """
     state = state or TrainingState()
     runner = wrap(model, cluster, train.device)
-    runner = torch.compile(runner) if settings.compile else runner
+    if settings.compile:  # torch types the compiled Module as a callable; it is a Module
+        runner = cast(nn.Module, torch.compile(runner))
     loop = _Loop(runner, model, train, val, tools,
                  settings.preprocess.eval_transform().to(train.device), settings, cluster)
     for epoch in range(state.epoch + 1, settings.epochs + 1):

@@ -222,7 +222,7 @@ def _finished_folds(parent_id: str, config: Config) -> dict[int, str]:
     finished = {}
     for run in reader.tagged_runs(parent.info.experiment_id, {PARENT_TAG: parent_id}):
         fold = int(run.data.tags[FOLD_TAG])
-        if run.info.status == "FINISHED" and run.outputs.model_outputs:
+        if run.info.status == "FINISHED" and reader.model_outputs(run):
             finished[fold] = run.info.run_id
             continue
         if run.info.status == "RUNNING":

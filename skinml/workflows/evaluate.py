@@ -28,6 +28,7 @@ from skinml.workflows import image_sets
 log = logging.getLogger(__name__)
 
 SETS = ("test", "val", "all", "isic")
+ISIC_NEEDS = "--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def evaluate_model(options: EvaluateOptions) -> EvaluateResult:
     if options.split not in SETS:
         raise SkinmlError(f"--split must be one of {', '.join(SETS)}, got {options.split!r}")
     if options.split == "isic" and (options.truth_csv is None or options.data_dir is None):
-        raise SkinmlError("--split isic needs --truth GROUND_TRUTH.csv and --data-dir IMAGES")
+        raise SkinmlError(ISIC_NEEDS)
     model = load_model(options.model_uri)
     served = model.unwrap_python_model()
     in_run = options.split in ("test", "val")
@@ -109,9 +110,13 @@ def _warn_if_trained_on(images: pd.DataFrame, model_uri: str) -> None:
 def labelled_images(options: EvaluateOptions, source_run: str | None) -> pd.DataFrame:
     """image_id, path, label, lesion_id (and sex, age, localization for HAM10000 folders)."""
     if options.split == "isic":
+        if options.truth_csv is None or options.data_dir is None:
+            raise SkinmlError(ISIC_NEEDS)
         return image_sets.isic_images(options.truth_csv, options.data_dir)
     if options.split == "all":
         return image_sets.folder_images(options.data_dir)
+    if source_run is None:
+        raise SkinmlError(f"--split {options.split} needs the model's training run")
     return image_sets.run_split_images(source_run, options.split, options.data_dir)
 
 

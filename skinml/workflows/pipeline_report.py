@@ -51,7 +51,7 @@ class PipelineReport:
 
     def metrics(self) -> dict[str, float]:
         """On the pipeline's run: each model's test balanced accuracy and each Δ, with CIs."""
-        values = {}
+        values: dict[str, float] = {}
         named = {f"test_balanced_accuracy_{KEYS[n]}": self.test[n] for n in CANDIDATES}
         named |= {f"delta_balanced_accuracy_{KEYS[a]}_vs_{KEYS[b]}": r.delta
                   for (a, b), r in self.deltas.items()}

@@ -30,7 +30,8 @@ class PreparedData:
     @property
     def frame_hw(self) -> tuple[int, int]:
         """(height, width) every cached image was fitted to: what serving fits images to."""
-        return tuple(int(s) for s in self.cache.images.shape[1:3])
+        height, width = self.cache.images.shape[1:3]
+        return int(height), int(width)
 
     def rows(self, split: str) -> pd.DataFrame:
         return self.frame[self.split.to_numpy() == split]

@@ -160,7 +160,7 @@ def _registrable_run(run_id: str) -> Run:
         run = reader.get_run(run_id)
     except SkinmlError as exc:
         raise RegistryError(str(exc)) from None
-    if not run.outputs.model_outputs:
+    if not reader.model_outputs(run):
         raise RegistryError(f"run {run_id} has no logged model to register")
     if DEFAULT_METRIC not in run.data.metrics:
         raise RegistryError(f"run {run_id} has no {DEFAULT_METRIC}: it did not finish training")
@@ -188,12 +188,15 @@ def _judge(run: Run, compared: ModelVersion | None, name: str, options: GateOpti
 def gate_set(challenger_run: str, compared: ModelVersion, gate_data: str | None) -> ImageSet:
     """The images both models are judged on: `gate_data` (all of it) when given, else the
     test split both runs share; an error when they share none."""
+    champion_run = compared.run_id
+    if champion_run is None:  # a version registered from a path, not from a run
+        raise RegistryError(f"champion version {compared.version} has no run behind it")
     runs = {"the challenger": challenger_run, f"champion version {compared.version}":
-            compared.run_id}
+            champion_run}
     if gate_data is not None:
         return compare.folder_set(gate_data, runs)
     try:
-        return compare.shared_split(challenger_run, compared.run_id, "test")
+        return compare.shared_split(challenger_run, champion_run, "test")
     except compare.NotSameSplit:
         raise NoSharedImages(f"run {challenger_run} and champion version {compared.version} "
                              f"(run {compared.run_id}) were not trained on the same split, so "
@@ -300,7 +303,7 @@ def _provenance(run: Run) -> dict[str, Any]:
         "arch": params.get("model.arch"), "split_seed": params.get("data.split_seed"),
         "git_commit": run.data.tags.get("mlflow.source.git.commit"),
         "datasets": {i.dataset.name: i.dataset.digest
-                     for i in sorted(run.inputs.dataset_inputs, key=lambda i: i.dataset.name)},
+                     for i in sorted(reader.dataset_inputs(run), key=lambda i: i.dataset.name)},
         "val_balanced_accuracy": _logged(metrics, DEFAULT_METRIC),  # what selection read
         "test_reported_only": {"balanced_accuracy": _logged(metrics, "test_balanced_accuracy"),
                                "auc": _logged(metrics, "test_auc")},

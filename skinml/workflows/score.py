@@ -202,7 +202,8 @@ def _score_part(model, part: list[str], tta: bool, bar: tqdm
                 ) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
     """Predictions of the readable files of `part` and (index, path, reason) of the rest;
     the next chunk of files is read while the model predicts the current one."""
-    tables, errors = [], []
+    tables: list[pd.DataFrame] = []
+    errors: list[tuple[int, str, str]] = []
     chunks = [range(start, min(start + FILE_CHUNK, len(part)))
               for start in range(0, len(part), FILE_CHUNK)]
     with ThreadPoolExecutor(1, thread_name_prefix="skinml-read") as reader:

@@ -120,7 +120,8 @@ def train(config: Config, resume_run_id: str | None = None, *,
     hooks, resume = hooks or RunHooks(), resume_run_id is not None
     cluster = init_cluster()
     try:
-        config = _config_to_resume(config, resume_run_id) if resume else config
+        if resume_run_id is not None:
+            config = _config_to_resume(config, resume_run_id)
         require_weights(config.model)  # offline: one line before any run or cache
         if data is None or data.config != config.data:  # data: split by lesion, cached
             data = prepare_data(config, cluster)
@@ -155,7 +156,7 @@ def build_recipe(config: Config, train_labels, device: torch.device,
     """
     optim, runtime = config.optim, config.runtime
     layout = memory_format(runtime.channels_last)
-    model = build_model(config.model).to(device, memory_format=layout)
+    model = build_model(config.model).to(device).to(memory_format=layout)
     optimizer = build_optimizer(model, optim)
     steps = steps_per_epoch(train_labels, config.balance, optim.batch_size, runtime.seed,
                             cluster)
@@ -246,8 +247,8 @@ def log_candidate(run_id: str, path: Path, data: PreparedData | None = None) -> 
     if data is None or data.config != config.data:
         data = prepare_data(config)
     device = resolve_device(config.runtime.device)
-    model = build_model(config.model).to(device, memory_format=memory_format(
-        config.runtime.channels_last))
+    model = build_model(config.model).to(device).to(
+        memory_format=memory_format(config.runtime.channels_last))
     model.load_state_dict(candidate.weights)
     test = batches_for(data, "test", config.runtime.eval_batch_size, device,
                        clinical=config.model.metadata != "none")

@@ -36,6 +36,13 @@ class Dimension:
     choices: tuple[Any, ...] = ()
     conditional: dict[Any, tuple[Dimension, ...]] = field(default_factory=dict)
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a float or int dimension (an int's are whole numbers)."""
+        if self.low is None or self.high is None:
+            raise SearchSpaceError(f"entry {self.key}: a {self.kind} needs low and high")
+        return self.low, self.high
+
 
 def load_search_space(path: str | Path) -> tuple[Dimension, ...]:
     path = shipped_or_path(path)

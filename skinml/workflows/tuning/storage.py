@@ -38,7 +38,7 @@ class HeartbeatStorage(RDBStorage):
                 models.TrialModel.study_id == study_id,
                 models.TrialModel.state == TrialState.RUNNING,
                 ~models.TrialModel.heartbeats.any()).all()
-            return stale + [trial.trial_id for trial in never_beat
+            return stale + [int(trial.trial_id) for trial in never_beat
                             if trial.datetime_start and trial.datetime_start < started_before]
 
 

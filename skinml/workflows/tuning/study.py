@@ -162,10 +162,11 @@ class TrialTiming:
 def trial_timings(study_name: str, storage: str) -> list[TrialTiming]:
     """The COMPLETE trials of a study, in the order they finished."""
     study = optuna.load_study(study_name=study_name, storage=storage)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     timings = [TrialTiming(t.number, t.datetime_start, t.datetime_complete,
                            t.user_attrs.get(EPOCHS_ATTR, float("nan")),
                            t.user_attrs.get(OUTSIDE_ATTR, float("nan")))
-               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+               for t in complete if t.datetime_start and t.datetime_complete]  # always both
     return sorted(timings, key=lambda t: t.finished)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import TrialState
@@ -97,7 +97,8 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The COMPLETE trial with the highest value that has a run (the first of equals)."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if RUN_ID_ATTR in t.user_attrs]
-    return max(complete, key=lambda t: t.value) if complete else None
+    # a COMPLETE trial has its value
+    return max(complete, key=lambda t: cast(float, t.value)) if complete else None
 
 
 def suggest(trial: optuna.Trial, space: tuple[Dimension, ...]) -> list[str]:
@@ -105,10 +106,11 @@ def suggest(trial: optuna.Trial, space: tuple[Dimension, ...]) -> list[str]:
     overrides = []
     for dimension in space:
         if dimension.kind == "float":
-            value = trial.suggest_float(dimension.key, low=dimension.low, high=dimension.high,
-                                        log=dimension.log)
+            low, high = dimension.bounds
+            value = trial.suggest_float(dimension.key, low=low, high=high, log=dimension.log)
         elif dimension.kind == "int":
-            value = trial.suggest_int(dimension.key, low=dimension.low, high=dimension.high,
+            low, high = dimension.bounds
+            value = trial.suggest_int(dimension.key, low=int(low), high=int(high),
                                       log=dimension.log)
         else:
             value = trial.suggest_categorical(dimension.key, choices=list(dimension.choices))
@@ -132,12 +134,12 @@ def fit_config(config: Config, options: TuneOptions, data: PreparedData,
             on_epoch_end=_epoch_reporter(None, config, on_epoch_seconds),
             on_fold_end=_fold_reporter(trial, options.folds) if trial else None))
         return result.run_id, result.fold_mean, result.test["balanced_accuracy"]
-    result = train(config, data=data, hooks=RunHooks(
+    trained = train(config, data=data, hooks=RunHooks(
         nested=True, tags=tags, on_epoch_end=_epoch_reporter(trial, config, on_epoch_seconds),
         on_run_start=on_run_start,
         parent_run_id=parent_run_id, defer_model=defer_model))
-    return (result.run_id, result.val_balanced_accuracy,
-            None if defer_model else result.test["balanced_accuracy"])
+    return (trained.run_id, trained.val_balanced_accuracy,
+            None if defer_model else trained.test["balanced_accuracy"])
 
 
 def _epoch_reporter(trial: optuna.Trial | None, config: Config,
