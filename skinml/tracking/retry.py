@@ -3,6 +3,11 @@
 Workers started together on an empty tracking or Optuna database all try to create its
 tables; workers logging the same dataset at once all try to insert its row (MLflow checks,
 then inserts). The losers fail on a unique constraint, and simply trying again works.
+
+A lost race is told by its text: SQLAlchemy, each database driver and alembic word it
+their own way and share no exception type for it. Every text matched here is produced for
+real (or read from alembic's source) by tests/tracking/test_retry.py, which fails when an
+upgrade rewords one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def is_create_race(exc: BaseException) -> bool:
     return ("already exists" in text or "duplicate key" in text
             or "UNIQUE constraint failed" in text
             # alembic, when another process migrated the fresh database meanwhile
-            or "Online migration expected to match one row" in text)
+            or "Online migration expected to match one" in text)
 
 
 def retry_create_race(action: Callable[[], T], what: str, attempts: int = 5) -> T:

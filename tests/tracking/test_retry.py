@@ -72,3 +72,24 @@ def test_a_race_that_never_ends_is_one_error_and_other_errors_pass(store):
 
     with pytest.raises(ValueError, match="disk full"):
         retry_create_race(broken, "anything")
+
+
+def test_every_race_text_retry_matches_is_what_the_installed_libraries_say(store):
+    """retry.py tells a lost create race by its text (SQLAlchemy wraps each driver's error
+    differently): each text it matches, produced here for real (or read from alembic), so an
+    upgrade that rewords one fails here rather than in a race."""
+    import inspect
+
+    import alembic.runtime.migration
+    import sqlalchemy
+
+    assert is_create_race(lost_race(store))  # a duplicate row: the unique constraint
+    with store.engine.connect() as connection:  # two workers creating the same table
+        connection.execute(sqlalchemy.text("CREATE TABLE raced (id INTEGER)"))
+        connection.commit()
+        with pytest.raises(sqlalchemy.exc.DatabaseError) as second:
+            connection.execute(sqlalchemy.text("CREATE TABLE raced (id INTEGER)"))
+    assert is_create_race(second.value), second.value
+    # alembic, when another process migrated the fresh database meanwhile
+    assert "Online migration expected to match one" in inspect.getsource(
+        alembic.runtime.migration)
