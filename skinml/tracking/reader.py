@@ -114,22 +114,32 @@ def logged_model_uri(run_id: str) -> str:
 def model_uri_of(run: Run) -> str:
     """`models:/m-…` of the model `run` logged.
 
-    A run logs one model; a resumed run whose first attempt was interrupted while logging
-    deleted that attempt's model, which its outputs still list: the live one is searched.
+    A run logs one model that is READY; its outputs may also list one whose logging was
+    interrupted (FAILED, or deleted by the resumed run): the READY one is the model.
     """
     outputs = model_outputs(run)
-    if len(outputs) == 1:
+    if len(outputs) == 1 and _ready(outputs[0].model_id):
         return f"models:/{outputs[0].model_id}"
-    live = [m for m in logged_models_of(run.info.run_id, run.info.experiment_id)
-            if m.status == LoggedModelStatus.READY] if outputs else []
+    live = _ready_models(run) if outputs else []
     if not live:
         raise SkinmlError(f"run {run.info.run_id} has no logged model")
     return f"models:/{live[0].model_id}"
 
 
 def has_logged_model(run_id: str) -> bool:
-    """Whether a run logged a model (a tuning trial logs its model only if it is the best)."""
-    return bool(model_outputs(MlflowClient().get_run(run_id)))
+    """Whether a run has a READY logged model (a tuning trial logs its model only if it is
+    the best, and a logging that crashed leaves a FAILED one behind)."""
+    run = MlflowClient().get_run(run_id)
+    return bool(model_outputs(run)) and bool(_ready_models(run))
+
+
+def _ready(model_id: str) -> bool:
+    return MlflowClient().get_logged_model(model_id).status == LoggedModelStatus.READY
+
+
+def _ready_models(run: Run) -> list[LoggedModel]:
+    return [m for m in logged_models_of(run.info.run_id, run.info.experiment_id)
+            if m.status == LoggedModelStatus.READY]
 
 
 def versions_of_run(name: str, run_id: str) -> list[str]:

@@ -8,10 +8,12 @@ import subprocess
 import mlflow
 import optuna
 import pytest
+from mlflow.entities import LoggedModelOutput
 from optuna.trial import TrialState
 
 from skinml.core.labels import CLASSES
 from skinml.data.cache import cache_root
+from skinml.tracking.reader import logged_model_uri
 from skinml.training.checkpoint import CANDIDATE_FILE
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import prepare_data
@@ -104,7 +106,8 @@ def test_log_models_all_logs_every_trials_model_and_test_scores(tracking, tmp_pa
 @pytest.mark.slow
 def test_a_study_that_stopped_before_its_end_logs_the_best_model_when_continued(
         tracking, tmp_path, synthetic):
-    """The workers' part ran (the process was killed before the study's end): the best
+    """The workers' part ran (the process was killed before the study's end, and a first
+    attempt to log the best model crashed, leaving a FAILED model on its run): the best
     trial's weights wait as its candidate; the command run again logs its model, which
     registers and serves."""
     options = tuning_options(tmp_path, synthetic, n_trials=2)
@@ -117,11 +120,18 @@ def test_a_study_that_stopped_before_its_end_logs_the_best_model_when_continued(
     candidates = list((cache_root() / "checkpoints").glob(f"*/{CANDIDATE_FILE}"))
     assert [c.parent.name for c in candidates] == [best.user_attrs[RUN_ID_ATTR]]
     assert not mlflow.get_run(best.user_attrs[RUN_ID_ATTR]).outputs.model_outputs
+    client = mlflow.MlflowClient()  # what a crash inside log_model leaves on the run
+    crashed = client.create_logged_model(
+        mlflow.get_run(best.user_attrs[RUN_ID_ATTR]).info.experiment_id, name="model",
+        source_run_id=best.user_attrs[RUN_ID_ATTR])
+    client.finalize_logged_model(crashed.model_id, "FAILED")
+    client.log_outputs(best.user_attrs[RUN_ID_ATTR], [LoggedModelOutput(crashed.model_id, 0)])
 
     result = tune(options)  # the same command again: the study is complete, its end is not
     assert result.counts["COMPLETE"] == 2 and result.best_run_id == best.user_attrs[RUN_ID_ATTR]
     run = mlflow.get_run(result.best_run_id)
     assert run.outputs.model_outputs and "test_balanced_accuracy" in run.data.metrics
+    assert logged_model_uri(result.best_run_id) != f"models:/{crashed.model_id}"
     assert list((cache_root() / "checkpoints").glob("*/*.pt")) == []
     registration = register_run(result.best_run_id)
     store = Store(tracking, tmp_path, synthetic, [])
