@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from skinml.core.errors import SkinmlError
+from skinml.core.files import DuplicateKeyError, read_yaml
 
 
 class ConfigError(SkinmlError):
@@ -299,7 +300,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = read_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

@@ -71,6 +71,10 @@ def test_bad_yaml_file_is_a_config_error(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key lr appears twice \(lines 2 and 3\)"):
+        load_config(twice)
 
 
 def test_parse_override_keeps_strings():

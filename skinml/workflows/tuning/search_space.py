@@ -15,6 +15,7 @@ import yaml
 
 from skinml.core.config import ConfigError, check_key_value, shipped_or_path
 from skinml.core.errors import SkinmlError
+from skinml.core.files import DuplicateKeyError, read_yaml
 from skinml.training.choices import check_choice
 
 KINDS = ("float", "int", "categorical")
@@ -49,7 +50,9 @@ def load_search_space(path: str | Path) -> tuple[Dimension, ...]:
     if not path.is_file():
         raise SearchSpaceError(f"search space {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = read_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise SearchSpaceError(f"{path}: {exc}") from None
     except yaml.YAMLError:
         raise SearchSpaceError(f"{path}: not valid YAML") from None
     if not isinstance(tree, dict) or not tree:

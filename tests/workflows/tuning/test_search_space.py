@@ -28,6 +28,9 @@ from .conftest import runs_of, tuning_options
      "entry optim.lr: optim.lr must be between 1e-07 and 10.0, got 0.0"),
     ("optim.lr: {type: uniform, low: 0.001, high: 0.1}",
      "entry optim.lr: needs type: float | int | categorical"),
+    # a key written twice: YAML alone keeps the second, as the shipped space once did
+    ("optim.lr: {type: float, low: 0.001, high: 0.1}\noptim.lr: {type: float, low: 0.01, "
+     "high: 0.1}", "key optim.lr appears twice (lines 1 and 2)"),
 ])
 def test_bad_search_space_exits_2_naming_the_entry(tracking, tmp_path, entry, message):
     space = tmp_path / "space.yaml"
