@@ -16,6 +16,7 @@ import click
 
 from skinml.cli import bench, cache, data, models, runs
 from skinml.core.errors import SkinmlError, WorkersFailed
+from skinml.core.interrupts import keep_interrupts
 
 # commands whose interrupted run `--resume RUN_ID` continues
 RESUMABLE = ("train", "cv", "pipeline")
@@ -86,6 +87,7 @@ def _tag_launching_run(message: str) -> None:
 @click.version_option(package_name="skinml")
 def main(verbose: bool) -> None:
     """Skin-lesion classification on HAM10000 with MLflow and Optuna."""
+    keep_interrupts()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s: %(message)s", force=True)
     for noisy in ("PIL", "matplotlib"):

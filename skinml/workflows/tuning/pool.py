@@ -28,6 +28,7 @@ import torch
 
 from skinml.core.config import Config
 from skinml.core.errors import SkinmlError, WorkersFailed
+from skinml.core.interrupts import keep_interrupts
 from skinml.tracking.store import shown_uri, use_store
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import prepare_data
@@ -156,6 +157,7 @@ def _sigint_blocked() -> Iterator[None]:
 def _work(spec: WorkerSpec) -> None:
     """A worker process: trials of the study until it has its trials, or SIGINT."""
     os.setpgrp()
+    keep_interrupts()  # a spawned interpreter: the CLI's hook is not inherited
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     logging.basicConfig(level=spec.log_level, stream=sys.stderr, force=True,
                         format=f"%(levelname)s: worker {spec.index}: %(message)s")
