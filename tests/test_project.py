@@ -26,12 +26,13 @@ def test_readme_setup_block_is_install_plus_main_job_then_tests():
 
 def test_ci_runs_readmes_install_and_test_commands():
     """Besides README's commands, CI only starts PostgreSQL and installs Java where missing
-    (what the suite's real services need)."""
+    (what the suite's real services need), and checks the main job's numbers after it."""
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd ", "pg_isready",
                                                     "command -v java "))]
     install_and_run, test = readme_setup_commands()
-    assert ci == [install_and_run.split(" && ")[0], test]
+    assert ci == [install_and_run.split(" && ")[0], test,
+                  "python scripts/demo_numbers.py --check"]
 
 
 def test_mlproject_main_takes_the_documented_parameters():
