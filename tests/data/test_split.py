@@ -47,10 +47,11 @@ def test_split_keeps_class_shares_within_2_points(full, full_split):
             assert abs(shares[dx] - overall[dx]) <= 0.02, (name, dx)
 
 
-def test_split_is_deterministic_for_a_seed(full, full_split):
-    assert split_by_lesion(full, seed=0).equals(full_split)
-    part = full.head(3000)
-    assert not split_by_lesion(part, seed=1).equals(split_by_lesion(part, seed=0))
+def test_split_is_deterministic_for_a_seed(full):
+    part = full.head(3000)  # a third of the metadata: a third of sklearn's time
+    first = split_by_lesion(part, seed=0)
+    assert split_by_lesion(part, seed=0).equals(first)
+    assert not split_by_lesion(part, seed=1).equals(first)
 
 
 def test_every_class_of_the_sample_is_in_every_split():
