@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import mlflow
 import pandas as pd
 import pytest
@@ -80,7 +82,11 @@ def test_models_split_differently_are_compared_only_on_a_named_folder(models, ca
     images = len(pd.read_csv(models.folder / "HAM10000_metadata.csv"))
     assert comparison.result.images == images
     assert comparison.image_set.description == f"all of {models.folder}"
-    assert "the comparison favours that model" in caplog.text  # both trained on them
+    # both trained on some of these images: one warning for each, naming its run
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "skinml.workflows.compare"]
+    assert len(warnings) == 2
+    assert a.run_id in warnings[0] and other.run_id in warnings[1]
     assert mlflow.MlflowClient(models.uri).get_run(run_id).data.params[
         "compare.split"] == "all"
 
