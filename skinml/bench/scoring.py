@@ -16,7 +16,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
 
 import pandas as pd
 
@@ -105,17 +104,26 @@ def mlflow_predict_memory(model_uri: str, images: list[Path], rows: int, work: P
     command = [sys.executable, "-m", "mlflow", "models", "predict", "-m", model_uri, "-i",
                str(request), "-o", str(work / "predictions.json"), "-t", "json",
                "--env-manager", "local"]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        reason = cast(IO[bytes], process.stderr).read()[-2000:]  # stderr=PIPE: a stream
-        raise RuntimeError(f"mlflow models predict failed: {reason.decode(errors='replace')}")
+    seconds, peak_mb = run_measured("mlflow models predict", command,
+                                   work / "mlflow-predict.log")
     request.unlink()
-    return MemoryUse(rows, input_mb, before_mb=float("nan"), peak_mb=usage.ru_maxrss / 1024,
+    return MemoryUse(rows, input_mb, before_mb=float("nan"), peak_mb=peak_mb,
                      seconds=seconds)
+
+
+def run_measured(what: str, command: list[str], log: Path) -> tuple[float, float]:
+    """Run `command` to its end: (seconds, peak resident MB). Its stderr goes to `log`, not
+    a pipe nobody reads while waiting (a child writing more than the pipe holds would block
+    forever); a failure raises with the log's tail."""
+    started = time.perf_counter()
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        reason = log.read_bytes()[-2000:].decode(errors="replace")
+        raise RuntimeError(f"{what} failed: {reason}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 @dataclass(frozen=True)

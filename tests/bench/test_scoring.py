@@ -3,6 +3,8 @@ models predict`) and `skinml predict --out` against the in-process ceiling, on a
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from ..conftest import skinml_in_process
@@ -27,3 +29,17 @@ def test_bench_predict_prints_its_table_after_the_work(tiny_model, tmp_path, mon
 def test_bench_predict_row_counts_are_checked_first():
     result = skinml_in_process("bench", "predict", "--rows", "1000,lots")
     assert result.returncode == 2 and "'1000,lots' is not a list of numbers" in result.stderr
+
+
+CHATTY_FAILURE = ("import sys; sys.stderr.write('x' * 300_000 + '\\nthe reason\\n'); "
+                  "sys.exit(3)")
+
+
+@pytest.mark.timeout(60)  # a child that fills a pipe nobody reads would block forever
+def test_a_measured_child_that_writes_a_lot_and_fails_raises_with_its_last_words(tmp_path):
+    from skinml.bench.scoring import run_measured
+
+    with pytest.raises(RuntimeError, match=r"(?s)chatty failed: x+\nthe reason"):
+        run_measured("chatty", [sys.executable, "-c", CHATTY_FAILURE], tmp_path / "log")
+    seconds, peak_mb = run_measured("quiet", [sys.executable, "-c", "pass"], tmp_path / "log")
+    assert seconds > 0 and peak_mb > 1
