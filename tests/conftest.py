@@ -118,6 +118,8 @@ def isolated_tracking(folder: Path) -> Iterator[str]:
             patch.setenv(leaky, "")  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID;
             patch.delenv(leaky)  # this restores the variable's absence afterwards
         mlflow.set_tracking_uri(uri)
+        # an experiment another test made active belongs to another store
+        mlflow.tracking.fluent._active_experiment_id = None
         try:
             yield uri
         finally:
