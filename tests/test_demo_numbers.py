@@ -30,8 +30,7 @@ QUOTED = "AMD EPYC, x86_64 AVX512"  # the CPU type whose run the docs quote in f
 
 
 def span(key: str) -> tuple[float, float]:
-    values = [run["metrics"][key] for run in runs if key in run["metrics"]]
-    return min(values), max(values)
+    return script.span(key, runs)
 
 
 def test_the_serving_page_quotes_a_recorded_sample_prediction():
