@@ -11,7 +11,10 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
+from skinml.core import interrupts
 from skinml.core.errors import SkinmlError
 from skinml.tracking.retry import retry_create_race
 
@@ -19,6 +22,26 @@ log = logging.getLogger(__name__)
 
 UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 DEFAULT_STORE = Path("mlflow.db")  # MLflow's default: sqlite:///mlflow.db in the working dir
+
+
+def _hold_interrupts_while_connected() -> None:
+    """A Ctrl-C waits while a store connection is checked out: one raised inside SQLAlchemy's
+    transaction can leave SQLite locked, and the run could not then be marked KILLED."""
+    if event.contains(Pool, "checkout", _checked_out):
+        return
+    event.listen(Pool, "checkout", _checked_out)
+    event.listen(Pool, "checkin", _checked_in)
+
+
+def _checked_out(dbapi_connection, record, proxy) -> None:
+    interrupts.hold(id(record))
+
+
+def _checked_in(dbapi_connection, record) -> None:
+    interrupts.release(id(record))
+
+
+_hold_interrupts_while_connected()
 
 
 def require_tracking_store(model_uri: str | None = None) -> None:

@@ -71,7 +71,9 @@ def test_ctrl_c_stops_every_worker_and_the_command_again_completes_the_study(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 4  # none lost, none duplicated
     assert len({t.user_attrs[RUN_ID_ATTR] for t in complete}) == 4
-    assert len({t.user_attrs[WORKER_ATTR] for t in trials}) >= 3  # two workers, two runs
+    # two processes ran trials (a trial the Ctrl-C stopped before it named its worker has
+    # no name, and which workers took the second run's trials is up to timing)
+    assert len({t.user_attrs[WORKER_ATTR] for t in trials if WORKER_ATTR in t.user_attrs}) >= 2
     parents, runs = study_runs(tracking)
     assert len(parents) == 2  # one study run per command, every trial nested under one
     # a trial the Ctrl-C stopped before its MLflow run started has no run to nest
