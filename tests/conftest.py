@@ -107,6 +107,23 @@ def refused_statements() -> Iterator[list[str]]:
         event.remove(Engine, "handle_error", on_error)
 
 
+# mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID into os.environ; left there, it sends a
+# later test's child processes to an experiment of another store.
+LEAKY_MLFLOW_VARIABLES = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_experiment() -> Iterator[None]:
+    """Each test leaves MLflow's experiment and run variables as it found them."""
+    before = {name: os.environ.get(name) for name in LEAKY_MLFLOW_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextlib.contextmanager
 def isolated_tracking(folder: Path) -> Iterator[str]:
     """A fresh SQLite tracking store in `folder`, also the working dir (so ./mlruns is there)."""
@@ -114,8 +131,8 @@ def isolated_tracking(folder: Path) -> Iterator[str]:
         patch.chdir(folder)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        for leaky in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
-            patch.setenv(leaky, "")  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID;
+        for leaky in LEAKY_MLFLOW_VARIABLES:
+            patch.setenv(leaky, "")
             patch.delenv(leaky)  # this restores the variable's absence afterwards
         mlflow.set_tracking_uri(uri)
         # an experiment another test made active belongs to another store

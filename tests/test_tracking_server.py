@@ -24,7 +24,7 @@ from skinml.workflows.train import train
 from skinml.workflows.tuning.options import TuneOptions
 from skinml.workflows.tuning.study import tune
 
-from .conftest import DEMO, REPO, tiny
+from .conftest import DEMO, LEAKY_MLFLOW_VARIABLES, REPO, tiny
 
 pytestmark = pytest.mark.slow  # a tracking server, a model server and a study: ~40 s
 
@@ -60,7 +60,7 @@ def tracking_server(tmp_path, postgres, monkeypatch):
         work.mkdir()
         monkeypatch.chdir(work)  # a client must not write ./mlruns or ./mlflow.db anywhere
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        for leaky in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        for leaky in LEAKY_MLFLOW_VARIABLES:
             monkeypatch.setenv(leaky, "")
             monkeypatch.delenv(leaky)
         mlflow.set_tracking_uri(url)

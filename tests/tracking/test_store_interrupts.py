@@ -44,6 +44,7 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh store's migrations in a child: 5-35 s each on 2 cores
 @pytest.mark.parametrize("mode, kept", [("plain", "0"), ("kept", "1")])
 def test_a_ctrl_c_inside_a_store_write(mode, kept, tmp_path):
     done = subprocess.run([sys.executable, "-c", PROGRAM, str(tmp_path / "mlflow.db"), mode],
