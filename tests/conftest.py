@@ -15,12 +15,16 @@ import os
 # this). Set before torch is imported anywhere in the test process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import base64  # noqa: E402
+import atexit  # noqa: E402
+import base64
 import contextlib
+import functools
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -124,12 +128,39 @@ def _no_leaked_experiment() -> Iterator[None]:
             os.environ[name] = value
 
 
+@functools.cache
+def _empty_store() -> Path:
+    """One empty SQLite tracking store per test process, its schema made by the installed
+    MLflow: a fresh store is a copy of it (MLflow's migrations take ~1.7 s a store on 2
+    cores; README's main job and the `mlflow run` tests still make theirs from nothing)."""
+    folder = Path(tempfile.mkdtemp(prefix="skinml-empty-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+    return folder / "mlflow.db"
+
+
+def copy_empty_store(folder: Path) -> None:
+    """`folder/mlflow.db` as MLflow makes it there: its Default experiment's artifacts go to
+    `folder/mlruns/0`, as they would had MLflow created the store in `folder`."""
+    target = folder / "mlflow.db"
+    with sqlite3.connect(_empty_store()) as source, sqlite3.connect(target) as copy:
+        source.backup(copy)
+        copy.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                     (str(folder / "mlruns" / "0"),))
+    copy.close()
+    source.close()
+
+
 @contextlib.contextmanager
-def isolated_tracking(folder: Path) -> Iterator[str]:
-    """A fresh SQLite tracking store in `folder`, also the working dir (so ./mlruns is there)."""
+def isolated_tracking(folder: Path, made: bool = True) -> Iterator[str]:
+    """A fresh SQLite tracking store in `folder`, also the working dir (so ./mlruns is there);
+    with `made=False` only its URI: the first command that tracks makes it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
+        if made and not (folder / "mlflow.db").exists():
+            copy_empty_store(folder)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         for leaky in LEAKY_MLFLOW_VARIABLES:
             patch.setenv(leaky, "")
@@ -147,6 +178,13 @@ def isolated_tracking(folder: Path) -> Iterator[str]:
 @pytest.fixture
 def tracking(tmp_path: Path) -> Iterator[str]:
     with isolated_tracking(tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture
+def unmade_tracking(tmp_path: Path) -> Iterator[str]:
+    """`tracking` before any command made the store: for tests that a command made none."""
+    with isolated_tracking(tmp_path, made=False) as uri:
         yield uri
 
 

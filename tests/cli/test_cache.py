@@ -85,10 +85,10 @@ def test_older_than_frees_only_what_was_not_used_for_that_long(every_kind):
     assert result.stdout.splitlines()[0] == "freed 0 B (0 entries)"
 
 
-def test_checkpoint_dir_lists_checkpoints_kept_elsewhere(tracking, tmp_path):
+def test_checkpoint_dir_lists_checkpoints_kept_elsewhere(unmade_tracking, tmp_path):
     folder = checkpoint(STRANGER, root=tmp_path / "shared-checkpoints")
     result = skinml_in_process("cache", "ls", "--checkpoint-dir", str(folder.parent))
-    assert lines_about(result.stdout, folder)[0].endswith(f"not in {tracking}")
+    assert lines_about(result.stdout, folder)[0].endswith(f"not in {unmade_tracking}")
     assert not (tmp_path / "mlflow.db").exists()  # reading made no tracking store
 
 

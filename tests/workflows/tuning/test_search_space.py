@@ -32,7 +32,7 @@ from .conftest import runs_of, tuning_options
     ("optim.lr: {type: float, low: 0.001, high: 0.1}\noptim.lr: {type: float, low: 0.01, "
      "high: 0.1}", "key optim.lr appears twice (lines 1 and 2)"),
 ])
-def test_bad_search_space_exits_2_naming_the_entry(tracking, tmp_path, entry, message):
+def test_bad_search_space_exits_2_naming_the_entry(unmade_tracking, tmp_path, entry, message):
     space = tmp_path / "space.yaml"
     space.write_text(entry + "\n")
     result = skinml_in_process("tune", "--config", str(DEMO), "--search-space", str(space),
