@@ -140,16 +140,15 @@ def _empty_store() -> Path:
     return folder / "mlflow.db"
 
 
-def copy_empty_store(folder: Path) -> None:
+def _copy_empty_store(folder: Path) -> None:
     """`folder/mlflow.db` as MLflow makes it there: its Default experiment's artifacts go to
     `folder/mlruns/0`, as they would had MLflow created the store in `folder`."""
-    target = folder / "mlflow.db"
-    with sqlite3.connect(_empty_store()) as source, sqlite3.connect(target) as copy:
+    with contextlib.closing(sqlite3.connect(_empty_store())) as source, \
+            contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as copy:
         source.backup(copy)
-        copy.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                     (str(folder / "mlruns" / "0"),))
-    copy.close()
-    source.close()
+        with copy:  # one committed transaction
+            copy.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                         (str(folder / "mlruns" / "0"),))
 
 
 @contextlib.contextmanager
@@ -158,9 +157,10 @@ def isolated_tracking(folder: Path, made: bool = True) -> Iterator[str]:
     with `made=False` only its URI: the first command that tracks makes it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        if made and not (folder / "mlflow.db").exists():
-            copy_empty_store(folder)
+        store = folder / "mlflow.db"
+        uri = f"sqlite:///{store}"
+        if made and not store.exists():
+            _copy_empty_store(folder)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         for leaky in LEAKY_MLFLOW_VARIABLES:
             patch.setenv(leaky, "")
