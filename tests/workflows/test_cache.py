@@ -105,10 +105,10 @@ def test_an_image_cache_is_listed_with_its_frame_and_image_count(every_kind):
     assert listing.nbytes == sum(entry.nbytes for entry in listing.entries)
 
 
-def test_listing_never_creates_a_tracking_store(tracking, tmp_path):
+def test_listing_never_creates_a_tracking_store(unmade_tracking, tmp_path):
     checkpoint(STRANGER)
     [entry] = list_cache(cache_root()).entries
-    assert entry.status is None and entry.about == f"not in {tracking}"
+    assert entry.status is None and entry.about == f"not in {unmade_tracking}"
     assert not (tmp_path / "mlflow.db").exists()
 
 
