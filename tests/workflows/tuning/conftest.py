@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import mlflow
@@ -76,9 +77,11 @@ def worker(tmp_path: Path, data: Path, storage: str, tracking_uri: str, n_trials
                                  "OMP_NUM_THREADS": "1"})
 
 
-def running_trial(process: subprocess.Popen, log: Path, storage: str) -> optuna.trial.FrozenTrial:
-    """The first trial `process` runs, once it has an MLflow run: Optuna's heartbeat thread
-    is then beating (a trial without a heartbeat never goes stale; Optuna skips those)."""
+def running_trial(process: subprocess.Popen, log: Path, storage: str,
+                  exclude: Collection[int] = ()) -> optuna.trial.FrozenTrial:
+    """The first trial `process` runs (numbered outside `exclude`), once it has an MLflow
+    run: Optuna's heartbeat thread is then beating (a trial without a heartbeat never goes
+    stale; Optuna skips those)."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-3000:]
@@ -88,7 +91,7 @@ def running_trial(process: subprocess.Popen, log: Path, storage: str) -> optuna.
         except KeyError:
             continue
         running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                   if RUN_ID_ATTR in t.user_attrs]
+                   if RUN_ID_ATTR in t.user_attrs and t.number not in exclude]
         if running:
             return running[0]
     raise AssertionError(f"no trial started in 180 s: {log.read_text()[-3000:]}")
