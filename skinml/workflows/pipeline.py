@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from skinml.core.config import Config
 from skinml.core.errors import SkinmlError
@@ -84,6 +85,8 @@ def run_pipeline(options: PipelineOptions, resume_run_id: str | None = None
     if resume_run_id is not None:
         reader.resumable(resume_run_id)
         options = _options_of(resume_run_id)
+    else:
+        options = _anchored(options)
     base = load_run_config(options.config, options.overrides)
     load_search_space(options.search_space)
     check_options(_tune_options(options, "check"))
@@ -185,6 +188,24 @@ def _tune_options(options: PipelineOptions, study_name: str) -> TuneOptions:
                        study_name=study_name, verdict=True, workers=options.workers,
                        seed=options.seed, heartbeat_interval=options.heartbeat_interval,
                        grace_period=options.grace_period, overrides=options.overrides)
+
+
+def _anchored(options: PipelineOptions) -> PipelineOptions:
+    """The options with each relative path made absolute: `--resume` from another folder
+    (`mlflow run` ran the pipeline in the project's folder) reads the same files and study."""
+    def absolute(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    storage = options.storage
+    if storage.startswith("sqlite:///") and not storage.startswith(("sqlite:////",
+                                                                   "sqlite:///:memory:")):
+        storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
+    overrides = tuple(f"data.dir={absolute(item.partition('=')[2])}"
+                      if item.startswith("data.dir=") else item for item in options.overrides)
+    return dataclasses.replace(
+        options, config=absolute(options.config), search_space=absolute(options.search_space),
+        storage=storage, overrides=overrides,
+        gate_data=absolute(options.gate_data) if options.gate_data else options.gate_data)
 
 
 def _options_of(run_id: str) -> PipelineOptions:
