@@ -110,6 +110,7 @@ def run_bench(device: torch.device, quick: bool, work: Path) -> list[Row]:
     """Every step in order; each returns its row even when it fails (and logs one line when
     it ends: the table itself is printed after the last step, so no step's log splits it)."""
     plan = plan_for(device, quick)
+    work = work.resolve()  # the tuning step's workers run in a folder of their own
     os.environ["SKINML_CACHE"] = str(work / "cache")  # caches and checkpoints stay in `work`
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking  # also for the model server's process
