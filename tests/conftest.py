@@ -20,6 +20,7 @@ import base64
 import contextlib
 import functools
 import json
+import logging
 import shutil
 import sqlite3
 import subprocess
@@ -342,14 +343,25 @@ def skinml(*args: str, cwd: Path | None = None, env: dict[str, str] | None = Non
                           env={**os.environ, **(env or {})})
 
 
-def skinml_in_process(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process, for commands that must stop with one `error:` line before
-    doing any work (no new interpreter to start: these tests stay fast)."""
+def skinml_in_process(*args: str, cwd: Path | None = None,
+                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process, for tests of what a command does rather than of its process
+    (signals, exit, imports): a fresh interpreter costs ~5-7 CPU-seconds of imports."""
     from click.testing import CliRunner
 
     from skinml.cli import main
 
-    result = CliRunner().invoke(main, list(args))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the CLI's basicConfig(force=True) drops them
+    with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        try:
+            result = CliRunner().invoke(main, list(args))
+        finally:
+            root.handlers[:], root.level = handlers, level
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
@@ -383,10 +395,8 @@ class Store:
                       env={"MLFLOW_TRACKING_URI": self.uri, **(env or {})})
 
     def cli_in_process(self, *args: str) -> subprocess.CompletedProcess:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.chdir(self.root)
-            patch.setenv("MLFLOW_TRACKING_URI", self.uri)
-            return skinml_in_process(*args)
+        """`skinml ...` in this process, tracking into this store."""
+        return skinml_in_process(*args, cwd=self.root, env={"MLFLOW_TRACKING_URI": self.uri})
 
 
 @contextlib.contextmanager

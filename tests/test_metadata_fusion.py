@@ -248,7 +248,7 @@ def test_mlserver_serves_with_and_without_metadata_on_both_endpoints(fusion):
 
 def test_predicting_files_with_a_fusion_model_says_they_carry_no_metadata(fusion, model):
     path = fusion.images["path"].iloc[0]
-    result = _store(fusion).cli("predict", f"models:/{NAME}@champion", path, "--json")
+    result = _store(fusion).cli_in_process("predict", f"models:/{NAME}@champion", path, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (f"INFO: models:/{NAME}@champion reads age, sex and localization; image files "
             "carry none") in result.stderr

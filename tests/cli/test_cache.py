@@ -11,7 +11,7 @@ import pytest
 
 from skinml.data.cache import cache_root
 
-from ..conftest import skinml, skinml_in_process
+from ..conftest import skinml_in_process
 from ..workflows.test_cache import STRANGER, age, cache_of_every_kind, checkpoint
 
 
@@ -25,7 +25,7 @@ def lines_about(output: str, folder: Path) -> list[str]:
 
 
 def test_ls_lists_each_kind_with_sizes_run_status_and_a_total(every_kind, tracking):
-    result = skinml("cache", "ls")
+    result = skinml_in_process("cache", "ls")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     root = cache_root()
@@ -45,7 +45,7 @@ def test_ls_lists_each_kind_with_sizes_run_status_and_a_total(every_kind, tracki
 
 
 def test_prune_frees_finished_runs_checkpoints_and_mlserver_folders(every_kind):
-    result = skinml("cache", "prune")
+    result = skinml_in_process("cache", "prune")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"removed checkpoint {every_kind['finished']} (3.0 MiB, FINISHED)"

@@ -7,11 +7,11 @@ from skinml.data.cache import cache_root
 from skinml.training.choices import load_run_config
 from skinml.workflows.prepared import prepare_data
 
-from ..conftest import skinml, skinml_in_process
+from ..conftest import skinml_in_process
 
 
 def test_data_check_without_argument_prints_the_sample_table():
-    result = skinml("data", "check")
+    result = skinml_in_process("data", "check")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1] == "images           660 (missing 0, corrupt 0, without metadata 0)"

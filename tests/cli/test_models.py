@@ -41,8 +41,8 @@ def isic_predict(demo_store: Store, tmp_path_factory: pytest.TempPathFactory) ->
     metadata = pd.read_csv(demo_store.folder / "HAM10000_metadata.csv").groupby("dx").head(1)
     paths = [str(demo_store.folder / f"{i}.jpg") for i in metadata["image_id"]]
     submission = tmp_path_factory.mktemp("isic") / "submission.csv"
-    result = demo_store.cli("predict", f"models:/{NAME}@champion", *paths,
-                            "--isic-csv", str(submission), "--json")
+    result = demo_store.cli_in_process("predict", f"models:/{NAME}@champion", *paths,
+                                       "--isic-csv", str(submission), "--json")
     return IsicPredict(metadata, paths, submission, result)
 
 
@@ -70,8 +70,8 @@ def test_explain_writes_an_overlay_of_the_images_size(demo, tmp_path):
     photo.save(source)
     out = tmp_path / "overlay.png"
     figure = tmp_path / "figure.png"
-    result = demo.cli("explain", f"models:/{NAME}@champion", str(source), "--out",
-                     str(out), "--figure", str(figure))
+    result = demo.cli_in_process("explain", f"models:/{NAME}@champion", str(source), "--out",
+                                 str(out), "--figure", str(figure))
     assert result.returncode == 0, result.stderr[-2000:]
     assert Image.open(out).size == (301, 217)
     assert any(c in result.stdout for c in CLASSES)
@@ -143,7 +143,7 @@ def test_option_mistakes_of_serve_are_exit_2_before_any_work(args, reason):
 
 
 def test_register_cli_picks_the_run_with_the_best_validation_score(demo):
-    result = demo.cli("register", "--experiment", "skin-lesion")
+    result = demo.cli_in_process("register", "--experiment", "skin-lesion")
     assert result.returncode == 0, result.stderr[-2000:]
     best = max(r.val_balanced_accuracy for r in (demo.ranked[0], demo.ranked[1]))
     picked = [r for r in (demo.ranked[0], demo.ranked[1])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from skinml.cli import main
 from skinml.core.config import Config, ConfigError, load_config, parse_override
 
-from ..conftest import REPO, skinml
+from ..conftest import REPO, skinml_in_process
 
 EXPERIMENTS = REPO / "experiments"
 
@@ -116,8 +116,8 @@ def test_a_cache_smaller_than_the_eval_resize_is_an_error_naming_both_keys():
 
 
 def test_train_cli_exits_2_when_the_cache_would_be_upsampled():
-    result = skinml("train", "--config", str(EXPERIMENTS / "demo.yaml"),
-                        "--set", "model.image_size=224")
+    result = skinml_in_process("train", "--config", str(EXPERIMENTS / "demo.yaml"),
+                               "--set", "model.image_size=224")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "data.cache_size (128)" in last

@@ -16,7 +16,7 @@ from skinml.data import CorruptImageError, load_ham10000
 from skinml.data.cache import cache_root, open_cache, prepare_cache
 from skinml.data.decode import fit_to_frame, open_rgb
 
-from ..conftest import skinml, skinml_in_process
+from ..conftest import skinml_in_process
 
 
 def complete_caches(root: Path) -> list[Path]:
@@ -46,8 +46,8 @@ def test_unchanged_data_reuses_the_cache(make_folder):
 
 def test_cli_says_it_reused_the_cache(make_folder):
     root = make_folder()
-    first = skinml("data", "prepare", str(root), "--size", "32")
-    second = skinml("data", "prepare", str(root), "--size", "32")
+    first = skinml_in_process("data", "prepare", str(root), "--size", "32")
+    second = skinml_in_process("data", "prepare", str(root), "--size", "32")
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.startswith("built image cache")
     assert second.stdout.startswith("reused image cache")

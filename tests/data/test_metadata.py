@@ -22,7 +22,7 @@ from skinml.data import (
 )
 from skinml.data.metadata import COLUMNS, METADATA_FILE
 
-from ..conftest import skinml
+from ..conftest import skinml_in_process
 
 
 @pytest.mark.parametrize("layout", ["flat", "parts"])
@@ -143,7 +143,7 @@ def test_bad_folder_raises_a_typed_one_line_error(make_folder, case):
 def test_bad_folder_exits_2_from_the_cli_with_one_line(make_folder, case):
     breaker, _, message = BAD_FOLDERS[case]
     root = breaker(make_folder())
-    result = skinml("data", "check", str(root))
+    result = skinml_in_process("data", "check", str(root))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr
@@ -172,7 +172,7 @@ def test_allow_missing_drops_rows_with_a_warning(make_folder, caplog):
 
 def test_allow_missing_from_the_cli(make_folder):
     root = _two_missing_images(make_folder())
-    result = skinml("data", "check", str(root), "--allow-missing")
+    result = skinml_in_process("data", "check", str(root), "--allow-missing")
     assert result.returncode == 0, result.stderr
     assert "images           36 (missing 2" in result.stdout
 

@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from skinml.core.labels import CLASSES
 from skinml.data import DataError, load_ham10000, split_by_lesion
 
-from ..conftest import skinml, skinml_in_process
+from ..conftest import skinml_in_process
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_same_seed_same_folder(tmp_path):
 
 def test_parts_layout_from_the_cli(tmp_path):
     out = tmp_path / "parts"
-    result = skinml("data", "synth", str(out), "--n", "40", "--width", "32",
-                        "--height", "24", "--layout", "parts")
+    result = skinml_in_process("data", "synth", str(out), "--n", "40", "--width", "32",
+                               "--height", "24", "--layout", "parts")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_metadata.csv"]

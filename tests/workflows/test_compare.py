@@ -29,7 +29,7 @@ def comparison_run_id(stdout: str) -> str:
 
 def test_compare_prints_both_scores_the_paired_delta_and_logs_a_run_with_a_figure(models):
     a, b = models.runs[0], models.runs[1]
-    result = models.cli("compare", a.model_uri, b.model_uri, "--bootstrap", "500")
+    result = models.cli_in_process("compare", a.model_uri, b.model_uri, "--bootstrap", "500")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"A  {a.model_uri}: balanced accuracy " in out and "95 % CI" in out
@@ -69,7 +69,7 @@ def test_a_model_compared_with_itself_differs_by_exactly_zero(models):
 
 def test_models_split_differently_are_compared_only_on_a_named_folder(models, caplog):
     a, other = models.runs[0], models.runs[2]
-    refused = models.cli("compare", a.model_uri, other.model_uri)
+    refused = models.cli_in_process("compare", a.model_uri, other.model_uri)
     assert refused.returncode == 2
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: runs {a.run_id} and {other.run_id} were not trained on "

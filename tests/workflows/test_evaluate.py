@@ -19,7 +19,7 @@ from ..conftest import ISIC_SCORER, NAME
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_training_runs_test_metrics(demo):
-    result = demo.cli("evaluate", f"models:/{NAME}@champion", "--bootstrap", "50")
+    result = demo.cli_in_process("evaluate", f"models:/{NAME}@champion", "--bootstrap", "50")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "balanced accuracy (ISIC 2018 metric)" in result.stdout
     run_id = result.stdout.split("evaluation run ")[1].split()[0]
@@ -52,8 +52,8 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(demo):
 
 @pytest.mark.slow
 def test_evaluate_on_the_training_folder_warns_that_it_is_not_a_test_score(demo):
-    result = demo.cli("evaluate", f"models:/{NAME}@champion", "--split", "all",
-                     "--data-dir", str(demo.folder), "--bootstrap", "0")
+    result = demo.cli_in_process("evaluate", f"models:/{NAME}@champion", "--split", "all",
+                                 "--data-dir", str(demo.folder), "--bootstrap", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = demo.ranked[0].run_id
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
@@ -83,9 +83,9 @@ def isic_folder(tmp_path_factory) -> tuple[Path, Path]:
 def test_evaluate_on_an_isic_2018_folder_agrees_with_the_official_scorer(demo, isic_folder,
                                                                          tmp_path):
     images, truth_csv = isic_folder
-    result = demo.cli("evaluate", f"models:/{NAME}@champion", "--split", "isic",
-                     "--data-dir", str(images), "--truth", str(truth_csv), "--bootstrap", "20",
-                     "--tta")
+    result = demo.cli_in_process("evaluate", f"models:/{NAME}@champion", "--split", "isic",
+                                 "--data-dir", str(images), "--truth", str(truth_csv),
+                                 "--bootstrap", "20", "--tta")
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split("evaluation run ")[1].split()[0]
     client = mlflow.MlflowClient(demo.uri)
@@ -110,6 +110,6 @@ def test_evaluate_refuses_a_bad_ground_truth_file(demo, isic_folder, tmp_path):
     bad = tmp_path / "truth.csv"
     pd.read_csv(truth_csv).drop(columns="VASC").to_csv(bad, index=False)
     result = demo.cli_in_process("evaluate", f"models:/{NAME}@champion", "--split", "isic",
-                     "--data-dir", str(images), "--truth", str(bad))
+                                 "--data-dir", str(images), "--truth", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {bad}: missing column(s) VASC"

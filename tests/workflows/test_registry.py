@@ -182,8 +182,8 @@ def test_different_splits_need_gate_data_exit_2_and_nothing_is_registered(runs):
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     sample = str(default_data_dir())
-    result = runs["store"].cli("register", "--run-id", runs["other_split"], "--name", name,
-                    "--gate-data", sample)
+    result = runs["store"].cli_in_process("register", "--run-id", runs["other_split"],
+                                          "--name", name, "--gate-data", sample)
     assert result.returncode == 0, result.stderr[-2000:]
     (line,) = result.stdout.strip().splitlines()
     assert line.startswith(f"registered {name} version 2 from run {runs['other_split']}")

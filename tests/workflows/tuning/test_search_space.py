@@ -10,7 +10,7 @@ from skinml.tracking.logged_model import reads_clinical
 from skinml.tracking.reader import logged_model_uri
 from skinml.workflows.tuning.study import tune
 
-from ...conftest import DEMO, skinml, skinml_in_process, tiny
+from ...conftest import DEMO, skinml_in_process, tiny
 from .conftest import runs_of, tuning_options
 
 
@@ -47,9 +47,9 @@ def test_bad_search_space_exits_2_naming_the_entry(unmade_tracking, tmp_path, en
 def test_the_real_command_stops_on_a_bad_entry_the_same_way(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("augment.hue: {type: float, low: 0.0, high: 0.9}\n")
-    result = skinml("tune", "--config", str(DEMO), "--search-space", str(space),
-                    "--storage", f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path,
-                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    result = skinml_in_process("tune", "--config", str(DEMO), "--search-space", str(space),
+                               "--storage", f"sqlite:///{tmp_path / 'o.db'}", cwd=tmp_path,
+                               env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {space}: entry augment.hue: augment.hue must be between 0.0 and 0.5, got 0.9")

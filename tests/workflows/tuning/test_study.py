@@ -24,7 +24,7 @@ from skinml.workflows.tuning.study import tune
 from skinml.workflows.tuning.trials import OUTSIDE_ATTR, RUN_ID_ATTR
 from skinml.workflows.tuning.workers import Objective, open_study, optimize
 
-from ...conftest import REPO, Store, b64, post_json, served, skinml, skinml_in_process, tiny
+from ...conftest import REPO, Store, b64, post_json, served, skinml_in_process, tiny
 from .conftest import runs_of, tuning_options
 
 
@@ -212,8 +212,8 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
     best = optuna.load_study(study_name="cli", storage=storage).best_trial
     assert challenger.run_id == best.user_attrs[RUN_ID_ATTR]
 
-    again = skinml("register", "--study", "cli", "--storage", storage, cwd=tmp_path,
-                   env={"MLFLOW_TRACKING_URI": tracking})
+    again = skinml_in_process("register", "--study", "cli", "--storage", storage, cwd=tmp_path,
+                              env={"MLFLOW_TRACKING_URI": tracking})
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"from run {best.user_attrs[RUN_ID_ATTR]}" in again.stdout
     missing = skinml_in_process("register", "--study", "nope", "--storage", storage)
