@@ -5,9 +5,7 @@ and compared by `skinml compare` with an image-only model trained alike on the s
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,6 @@ from skinml.workflows.train import train
 
 from .conftest import (
     DEMO,
-    REPO,
     Store,
     b64,
     build_folder,
@@ -59,34 +56,17 @@ class Fusion:
                              **{c: chosen[c].tolist() for c in columns}})
 
 
-def _without_experiment() -> dict[str, str]:
-    """The environment less the experiment the in-process run exported (`mlflow run` takes
-    one of --experiment-name and MLFLOW_EXPERIMENT_ID)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
-
-
 @pytest.fixture(scope="module")
 def fusion(tmp_path_factory) -> Fusion:
-    """One image-only run (in-process) and one concat fusion run (`mlflow run`), same config,
-    seed and split; the fusion run registered as NAME@champion."""
+    """One image-only run and one concat fusion run, same config, seed and split; the fusion
+    run registered as NAME@champion."""
     root = tmp_path_factory.mktemp("fusion")
     with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
         patch.setenv("SKINML_CACHE", str(root / "cache"))
         folder = build_folder(root / "ham", lesions_per_class=5)
         overrides = tiny(folder, "runtime.seed=0")
         image_only = train(load_run_config(DEMO, overrides)).run_id
-        fused_overrides = " ".join(o for o in overrides if not o.startswith("data.dir"))
-        result = subprocess.run(
-            ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name",
-             "skin-lesion", "-P", f"data_dir={folder}",
-             "-P", f"overrides={fused_overrides} model.metadata=concat"],
-            capture_output=True, text=True, timeout=600, cwd=root,
-            env={**_without_experiment(), "MLFLOW_TRACKING_URI": uri,
-                 "SKINML_CACHE": str(root / "cache")})
-        assert result.returncode == 0, result.stderr[-3000:]
-        (fused,) = [r.info.run_id for r in mlflow.search_runs(
-            experiment_names=["skin-lesion"], output_format="list")
-            if r.data.params.get("model.metadata") == "concat"]
+        fused = train(load_run_config(DEMO, [*overrides, "model.metadata=concat"])).run_id
         register_run(fused, name=NAME)
         test = pd.read_csv(root / "ham" / "HAM10000_metadata.csv")
         test = test.assign(path=[str(folder / f"{i}.jpg") for i in test["image_id"]])

@@ -24,7 +24,7 @@ from skinml.tracking.logged_model import example_jpeg, load_model
 from skinml.workflows import score
 from skinml.workflows.score import MANIFEST, PARTS, ScoreOptions, score_files
 
-from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel, log_tiny_model
+from ..conftest import REPO, SAMPLE_IMAGES, LoggedModel, log_tiny_model, skinml_in_process
 
 PROBS = list(PROBABILITY_COLUMNS)
 
@@ -209,9 +209,9 @@ def test_killed_half_way_then_resumed_every_image_exactly_once(model, tmp_path):
     process.wait()
     done = read_predictions(out)
     assert 400 <= len(done) + 2 < 2002  # some parts done, not all
-    process = _start(model, *args, "--resume")
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    resumed = skinml_in_process("predict", model.model_uri, *args, "--resume", cwd=REPO,
+                                env={"MLFLOW_TRACKING_URI": model.tracking_uri})
+    assert resumed.returncode == 0, resumed.stderr
     table = read_predictions(out)
     expected = [p for p in ImageSources.resolve([args[0]]).paths()
                 if "notes" not in p and "empty" not in p]
@@ -219,22 +219,8 @@ def test_killed_half_way_then_resumed_every_image_exactly_once(model, tmp_path):
     assert [row[0] for row in errors_of(out)[1:]] == [
         str(folder / "batch_0/ISIC_0000001_notes.jpg"),
         str(folder / "batch_1/ISIC_0000002_empty.jpg")]
-    assert stdout.startswith("predicted 2000 images into") and "after the" in stdout
-
-
-@pytest.mark.slow
-def test_ctrl_c_names_the_command_that_continues(model, tmp_path):
-    folder = archive(tmp_path / "archive", 2000)
-    out = tmp_path / "out"
-    process = _start(model, str(folder), "--out", str(out), "--part-size", "100")
-    _after_parts(process, out, 2)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (
-        f"interrupted: continue with: skinml predict {model.model_uri} {folder} --out {out} "
-        "--part-size 100 --resume")
+    assert resumed.stdout.startswith("predicted 2000 images into")
+    assert "after the" in resumed.stdout
 
 
 def test_a_log_file_gets_no_download_bar(model, tmp_path):
@@ -259,7 +245,8 @@ def test_a_log_file_gets_no_download_bar(model, tmp_path):
 def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
     """SIGINT while a forward pass runs in the model's batching thread: the worker finishes
     its batch before the interpreter ends (it used to die inside the pass: "terminate called
-    without an active exception", SIGABRT)."""
+    without an active exception", SIGABRT), and the last line names the command that
+    continues."""
     demo_sized = log_tiny_model(tmp_path / "store", image_size=96)
     env = {**os.environ, "MLFLOW_TRACKING_URI": demo_sized.tracking_uri}
     sample = SAMPLE_IMAGES[0].parent
@@ -275,6 +262,9 @@ def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 130, stderr[-2000:]
         assert "terminate called" not in stderr and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"interrupted: continue with: skinml predict {demo_sized.model_uri} {sample} "
+            f"--out {out} --part-size 64 --resume")
 
 
 def test_mlflow_models_predict_takes_more_rows_than_a_server_would(model, tmp_path):

@@ -173,9 +173,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tracking, make_folder):
 
 @pytest.mark.slow
 def test_skinml_train_cli_runs_and_reports(tracking, small_folder):
-    result = subprocess.run([sys.executable, "-m", "skinml", "train", "--config", str(DEMO),
-                             *[f"--set={o}" for o in tiny(small_folder, "optim.epochs=1")]],
-                            capture_output=True, text=True, timeout=600)
+    result = skinml_in_process("train", "--config", str(DEMO),
+                               *[f"--set={o}" for o in tiny(small_folder, "optim.epochs=1")])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("run ")
     (run,) = mlflow.search_runs(experiment_names=["skin-lesion"], output_format="list")
