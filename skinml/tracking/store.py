@@ -65,9 +65,15 @@ def require_tracking_store(model_uri: str | None = None) -> None:
 def shown_uri() -> str:
     """The tracking URI with a relative SQLite path made absolute: the store a person can
     find again from any folder."""
-    uri = mlflow.get_tracking_uri()
+    return absolute_sqlite_uri(mlflow.get_tracking_uri())
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute (any other URI as it is)."""
     path = _sqlite_path(uri)
-    return f"sqlite:///{path.resolve()}" if path is not None else uri
+    if path is None or uri == "sqlite:///:memory:":
+        return uri
+    return f"sqlite:///{path.resolve()}"
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from skinml.core.errors import SkinmlError
 from skinml.data.split import assign_folds
 from skinml.models import require_weights
 from skinml.tracking import reader
+from skinml.tracking.store import absolute_sqlite_uri
 from skinml.tracking.writer import RunLog, pipeline_run
 from skinml.training.choices import build_run_config, load_run_config
 from skinml.workflows.cv import CVHooks, cross_validate
@@ -196,15 +197,11 @@ def _anchored(options: PipelineOptions) -> PipelineOptions:
     def absolute(value: str) -> str:
         return str(Path(value).resolve()) if value and Path(value).exists() else value
 
-    storage = options.storage
-    if storage.startswith("sqlite:///") and not storage.startswith(("sqlite:////",
-                                                                   "sqlite:///:memory:")):
-        storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
     overrides = tuple(f"data.dir={absolute(item.partition('=')[2])}"
                       if item.startswith("data.dir=") else item for item in options.overrides)
     return dataclasses.replace(
         options, config=absolute(options.config), search_space=absolute(options.search_space),
-        storage=storage, overrides=overrides,
+        storage=absolute_sqlite_uri(options.storage), overrides=overrides,
         gate_data=absolute(options.gate_data) if options.gate_data else options.gate_data)
 
 
