@@ -37,7 +37,7 @@ from skinml.training.choices import build_run_config, load_run_config
 from skinml.workflows.cv import CVHooks, cross_validate
 from skinml.workflows.pipeline_report import PipelineReport, judge_candidates
 from skinml.workflows.prepared import PreparedData, prepare_data
-from skinml.workflows.registry import DEFAULT_NAME, GateOptions, register_run
+from skinml.workflows.registry import DEFAULT_NAME, GateOptions, gated, register_run
 from skinml.workflows.tuning.options import TuneOptions, check_options
 from skinml.workflows.tuning.search_space import load_search_space
 from skinml.workflows.tuning.study import tune
@@ -158,12 +158,13 @@ def _registration(run: RunLog, tags: dict[str, str], options: PipelineOptions,
     _begin(run, 3, f"{STAGES[2]}: the fold ensemble of run {tags[CV_RUN]} as a version of "
                    f"{options.name}, through the promotion gate")
     earlier = reader.versions_of_run(options.name, tags[CV_RUN])
-    if earlier:  # registered before the pipeline stopped, not yet recorded here
+    if earlier and gated(options.name, earlier[-1]):  # registered before the pipeline stopped
         summary = f"version {earlier[-1]} of {options.name} (registered before a restart)"
         done = {VERSION: f"{options.name}/{earlier[-1]}", REGISTRATION: summary}
-    else:
+    else:  # a version whose gate a stop cut short is judged now, not registered twice
         registration = register_run(tags[CV_RUN], options.name,
-                                    GateOptions(gate_data=options.gate_data, seed=options.seed))
+                                    GateOptions(gate_data=options.gate_data, seed=options.seed),
+                                    version=earlier[-1] if earlier else None)
         done = {VERSION: f"{options.name}/{registration.version}",
                 REGISTRATION: registration.summary()}
     run.set_tags(done)

@@ -99,39 +99,66 @@ def best_run(experiment: str, metric: str = DEFAULT_METRIC) -> Run:
     return pick(candidates, key=lambda r: r.data.metrics[metric])
 
 
-def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None = None
-                 ) -> Registration:
+def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None = None,
+                 version: str | None = None) -> Registration:
     """New version of `name` from the run's `model`: challenger always, champion on a win.
 
     The gate runs before anything is written, so a gate that cannot run (different splits
-    and no gate folder) leaves the registry as it was.
+    and no gate folder) leaves the registry as it was. `version`: one this run already
+    registered in a call that stopped before its gate was recorded (see `gated`); it is
+    judged and recorded instead of registering another.
     """
     announce_store()  # the registry it writes to, named once
     options = gate or GateOptions()
     client = MlflowClient()
     run = _registrable_run(run_id)
     compared = champion(client, name)
+    if version is not None and _version(compared) == version:
+        return _finish_promoted(client, run, name, version, options)
     judged, note = _judge(run, compared, name, options)
-    model_uri, provenance = reader.model_uri_of(run), _provenance(run)
-    registered = mlflow.register_model(model_uri, name, tags=_selection_tag(provenance))
-    version = str(registered.version)
+    if version is None:
+        registered = mlflow.register_model(reader.model_uri_of(run), name,
+                                           tags=_selection_tag(_provenance(run)))
+        version = str(registered.version)
     client.update_model_version(name, version, description=_description(run))
     client.set_registered_model_alias(name, CHALLENGER, version)
     compared, judged, note = _judged_against_current(client, name, run, compared, judged,
                                                      note, options)
     decision, reason = _decide(compared, judged, note, options)
+    return _record(client, run, name, version, (decision, reason, compared, judged), options)
+
+
+def gated(name: str, version: str) -> bool:
+    """Whether the gate's decision on a version was recorded (the last step of registering)."""
+    return "gate.decision" in MlflowClient().get_model_version(name, version).tags
+
+
+def _finish_promoted(client: MlflowClient, run: Run, name: str, version: str,
+                     options: GateOptions) -> Registration:
+    """A version made champion by a call that stopped before recording why: the judgement
+    is gone (the champion it beat no longer holds the alias), and the record says so."""
+    reason = "made champion before a restart; the gate's comparison was not recorded"
+    return _record(client, run, name, version, ("promoted", reason, None, None), options)
+
+
+def _record(client: MlflowClient, run: Run, name: str, version: str,
+            gate: tuple[str, str, ModelVersion | None, ModelComparison | None],
+            options: GateOptions) -> Registration:
+    """Move `champion` on a promotion, then write the gate record, its tags and the card."""
+    decision, reason, compared, judged = gate
     promoted = decision != "not promoted"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
+    model_uri = reader.model_uri_of(run)
     record = {"gate": _gate_record(decision, reason, compared, judged, options),
-              "provenance": provenance}
+              "provenance": _provenance(run)}
     model_id = model_uri.removeprefix("models:/")
     attach_model_file(model_id, model_card.record_file(version),
                       json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    for key, value in _gate_tags(record["gate"]).items():
-        client.set_model_version_tag(name, version, key, value)
     _attach_model_card(run, name, version, model_id, record)
-    registration = Registration(name, version, run_id,
+    for key, value in _gate_tags(record["gate"]).items():  # last: what `gated` reads
+        client.set_model_version_tag(name, version, key, value)
+    registration = Registration(name, version, run.info.run_id,
                                 run.data.metrics[DEFAULT_METRIC], promoted, reason, judged)
     log.debug("%s", registration.summary())
     return registration

@@ -111,6 +111,9 @@ def test_a_pipeline_killed_in_each_stage_continues_from_it(tracking, tmp_path):
     versions = client.search_model_versions(f"run_id = '{cv_run.info.run_id}'")
     (version,) = versions
     assert tags["skinml.pipeline.model_version"] == f"skin-lesion-classifier/{version.version}"
+    assert version.tags["gate.decision"] == "first champion"  # the gate finished, once
+    assert client.get_model_version_by_alias("skin-lesion-classifier",
+                                             "champion").version == version.version
     # the report: three models on the same test images, each pair with its interval
     m = run.data.metrics
     for key in ("test_balanced_accuracy_base", "test_balanced_accuracy_trial",

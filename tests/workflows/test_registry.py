@@ -19,6 +19,7 @@ from skinml.workflows.registry import (
     _judge,
     best_run,
     champion,
+    gated,
     register_run,
 )
 
@@ -247,6 +248,24 @@ def test_first_registration_becomes_champion_and_challenger(runs):
     assert client.get_model_version_by_alias(name, CHALLENGER).version == version.version
     assert version.run_id == runs["good"] and version.description
     assert "no champion yet" in first.reason
+
+
+def test_a_registration_cut_short_before_its_gate_is_judged_once_when_continued(runs):
+    """Killed between registering the version and moving `champion` (the pipeline's
+    registration stage): continuing judges that version; no second version, and the first
+    champion is named."""
+    name, client = "cut-short", mlflow.MlflowClient(runs["uri"])
+    with isolated_tracking(runs["root"]):
+        run = client.get_run(runs["good"])
+        version = str(mlflow.register_model(f"models:/{run.outputs.model_outputs[0].model_id}",
+                                            name).version)
+        assert not gated(name, version)
+        finished = register_run(runs["good"], name, version=version)
+        assert gated(name, version)
+    assert finished.version == version and finished.champion
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [version]
+    assert aliases(runs["uri"], name) == (version, version)
+    assert gate_tags(runs["uri"], name, version)["gate.decision"] == "first champion"
 
 
 def test_the_versions_json_record_holds_its_provenance_and_the_card_shows_it(runs):
