@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-# pytest-xdist runs two test modules at once on a 2-core machine, and many tests start
+# pytest-xdist runs three test modules at once on a 2-core machine, and many tests start
 # training subprocesses: one OpenMP thread per process keeps torch's spinning threads from
 # oversubscribing the cores (measured: a 21 s tuning test took 221 s in the suite without
 # this). Set before torch is imported anywhere in the test process.
@@ -514,7 +514,8 @@ from .scheduling import (  # noqa: E402
     pytest_collection_modifyitems,
     pytest_runtest_logreport,
     pytest_sessionfinish,
+    pytest_xdist_auto_num_workers,
 )
 
 __all__ = ["pytest_addoption", "pytest_collection_finish", "pytest_collection_modifyitems",
-           "pytest_runtest_logreport", "pytest_sessionfinish"]
+           "pytest_runtest_logreport", "pytest_sessionfinish", "pytest_xdist_auto_num_workers"]
