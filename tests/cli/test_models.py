@@ -5,7 +5,6 @@ there is none."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -160,16 +159,15 @@ def test_register_cli_unknown_run_is_exit_2(demo):
 
 
 @pytest.mark.slow
-def test_mlflow_run_register_entry_point(demo):
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "-e", "register", "--env-manager", "local",
-         "-P", f"run_id={demo.ranked[0].run_id}"],
-        capture_output=True, text=True, timeout=300, cwd=demo.root,
-        env={**os.environ, "MLFLOW_TRACKING_URI": demo.uri})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"from run {demo.ranked[0].run_id}" in result.stdout
+def test_mlflow_run_register_entry_point(demo, capfd):
+    with demo.active():  # mlflow.run: what `mlflow run` calls, in this interpreter
+        submitted = mlflow.run(str(REPO), "register", env_manager="local",
+                               parameters={"run_id": demo.ranked[0].run_id})
+    assert submitted.get_status() == "FINISHED"
+    stdout = capfd.readouterr().out  # the entry point's process writes to this fd
+    assert f"from run {demo.ranked[0].run_id}" in stdout
     # The champion's own model again: Δ is exactly 0, so the champion stays.
-    assert "no evidence of improvement" in result.stdout
+    assert "no evidence of improvement" in stdout
     champion = mlflow.MlflowClient(demo.uri).get_model_version_by_alias(NAME, CHAMPION)
     assert str(champion.version) == str(demo.registrations[0].version)
 

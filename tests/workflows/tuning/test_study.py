@@ -3,8 +3,6 @@ sampler's seed on resume, `mlflow run -e tune` with --register-best, and max_tri
 
 from __future__ import annotations
 
-import subprocess
-
 import mlflow
 import optuna
 import pytest
@@ -196,14 +194,12 @@ def test_mlflow_run_tune_registers_the_best_and_register_study_works(tracking, t
                                                                      synthetic):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = " ".join(tiny(synthetic, "optim.epochs=1"))
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "-e", "tune", "--env-manager", "local",
-         "--experiment-name", "skin-lesion", "-P", "n_trials=2", "-P", "study_name=cli",
-         "-P", "verdict=false",
-         "-P", f"storage={storage}", "-P", "register_best=true", "-P", "pruner=none",
-         "-P", f"overrides={overrides}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    submitted = mlflow.run(  # what `mlflow run -e tune` calls, in this interpreter
+        str(REPO), "tune", experiment_name="skin-lesion", env_manager="local",
+        parameters={"n_trials": 2, "study_name": "cli", "verdict": "false",
+                    "storage": storage, "register_best": "true", "pruner": "none",
+                    "overrides": overrides})
+    assert submitted.get_status() == "FINISHED"
     (parent,), children = runs_of("cli")
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
