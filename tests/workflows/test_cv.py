@@ -44,7 +44,8 @@ FOLDS = 3
 
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory):
-    """One uninterrupted 3-fold cross-validation in its own tracking store."""
+    """One uninterrupted 3-fold cross-validation in its own tracking store (14-23 s: the
+    tests that use it are marked slow)."""
     root = tmp_path_factory.mktemp("cv")
     with isolated_tracking(root) as uri, pytest.MonkeyPatch.context() as patch:
         patch.setenv("SKINML_CACHE", str(root / "cache"))
@@ -62,6 +63,7 @@ def children(parent_id: str) -> list:
                                       f"tags.`{PARENT_TAG}` = '{parent_id}'")
 
 
+@pytest.mark.slow  # the cv fixture
 def test_one_parent_run_with_one_nested_training_run_per_fold(cv):
     result = cv["result"]
     parent = mlflow.get_run(result.run_id)
@@ -84,6 +86,7 @@ def test_one_parent_run_with_one_nested_training_run_per_fold(cv):
     assert cv["refused"] == []  # the parent's and folds' models logged before their metrics
 
 
+@pytest.mark.slow  # the cv fixture
 def test_oof_predictions_cover_every_non_test_image_once_and_give_the_parent_metrics(cv):
     run_id = cv["result"].run_id
     oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
@@ -107,6 +110,7 @@ def test_oof_predictions_cover_every_non_test_image_once_and_give_the_parent_met
             <= metrics["fold_val_balanced_accuracy_mean_ci_high"])
 
 
+@pytest.mark.slow  # the cv fixture
 def test_served_ensemble_is_the_mean_of_the_fold_models(cv):
     paths = sorted((cv["root"] / "ham").rglob("*.jpg"))[:6]
     fold_probs = np.mean([predict_paths(mlflow.pyfunc.load_model(logged_model_uri(r.info.run_id)),
@@ -121,6 +125,7 @@ def test_served_ensemble_is_the_mean_of_the_fold_models(cv):
     np.testing.assert_allclose(served[list(PROBABILITY_COLUMNS)], fold_probs, atol=1e-6)
 
 
+@pytest.mark.slow  # the cv fixture
 def test_the_parent_registers_like_any_run_with_its_model_card(cv):
     registration = register_run(cv["result"].run_id, name="cv-ensemble")
     assert registration.champion  # the first version of a new name
@@ -205,6 +210,7 @@ def test_a_cv_killed_in_its_second_fold_resumes_to_the_uninterrupted_result(cv):
     assert mlflow.get_run(parent_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # a 2-fold fusion cross-validation: 9-15 s
 def test_a_fusion_cv_ensemble_reads_metadata_like_its_folds(tmp_path):
     """model.metadata=concat: every fold model and the parent's fold ensemble take age, sex
     and body site; the ensemble is the mean of its folds with the metadata too."""

@@ -25,6 +25,9 @@ from skinml.workflows.registry import (
 
 from ..conftest import isolated_tracking, trained_store
 
+# Every test here judges models the `runs` fixture trains (three runs, 20-23 s on 2 cores).
+pytestmark = pytest.mark.slow
+
 # The bundled sample (a 99-image test split) at 32 px: enough for a real difference.
 SAMPLE = ["optim.batch_size=32"]
 
@@ -169,7 +172,6 @@ def test_the_decision_is_in_the_versions_own_model_card(runs):
     assert f"{judged['rounds']} rounds, seed {judged['seed']}" in card
 
 
-@pytest.mark.slow
 def test_different_splits_need_gate_data_exit_2_and_nothing_is_registered(runs):
     name = "gate-splits"
     register_run(runs["good"], name)

@@ -223,6 +223,7 @@ def test_killed_half_way_then_resumed_every_image_exactly_once(model, tmp_path):
     assert "after the" in resumed.stdout
 
 
+@pytest.mark.slow  # two scoring processes: 12-15 s
 def test_a_log_file_gets_no_download_bar(model, tmp_path):
     """stderr to a file or a pipe: MLflow's artifact download bar stays off, in the CLI and
     in library use alike (a bar in a log is a line per redraw)."""
@@ -267,6 +268,7 @@ def test_ctrl_c_while_the_model_predicts_exits_130_without_an_abort(tmp_path):
             f"--out {out} --part-size 64 --resume")
 
 
+@pytest.mark.slow  # mlflow models predict's two interpreters: 12-17 s
 def test_mlflow_models_predict_takes_more_rows_than_a_server_would(model, tmp_path):
     """`mlflow models predict` runs the model in its own process, where no request limit
     applies: 300 rows (over a server's 256) predict, equal to in-process predict."""
