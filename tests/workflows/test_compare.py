@@ -13,6 +13,10 @@ from skinml.workflows.compare import CompareOptions, compare, compare_models, sh
 
 from ..conftest import isolated_tracking, trained_store
 
+# Every test here compares the models the `models` fixture trains (three runs, 8-14 s on 2
+# cores, over 10 s in a whole-suite run).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
