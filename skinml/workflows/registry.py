@@ -138,6 +138,7 @@ def _finish_promoted(client: MlflowClient, run: Run, name: str, version: str,
     """A version made champion by a call that stopped before recording why: the judgement
     is gone (the champion it beat no longer holds the alias), and the record says so."""
     reason = "made champion before a restart; the gate's comparison was not recorded"
+    client.set_registered_model_alias(name, CHALLENGER, version)  # set before champion was
     return _record(client, run, name, version, ("promoted", reason, None, None), options)
 
 

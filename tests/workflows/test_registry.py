@@ -268,6 +268,16 @@ def test_a_registration_cut_short_before_its_gate_is_judged_once_when_continued(
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [version]
     assert aliases(runs["uri"], name) == (version, version)
     assert gate_tags(runs["uri"], name, version)["gate.decision"] == "first champion"
+    # cut short after `champion` moved to a new version, before its record: the record says
+    # the comparison is gone rather than judging the version against itself
+    with isolated_tracking(runs["root"]):
+        again = str(mlflow.register_model(f"models:/{run.outputs.model_outputs[0].model_id}",
+                                          name).version)
+        client.set_registered_model_alias(name, CHAMPION, again)
+        finished = register_run(runs["good"], name, version=again)
+    assert finished.champion and "made champion before a restart" in finished.reason
+    assert gate_record(runs, name, again)["decision"] == "promoted"
+    assert aliases(runs["uri"], name) == (again, again)
 
 
 def test_the_versions_json_record_holds_its_provenance_and_the_card_shows_it(runs):
