@@ -15,7 +15,7 @@ from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
 from skinml.core.errors import SkinmlError, first_line
-from skinml.data import SPLITS
+from skinml.data.split import SPLITS
 from skinml.tracking.experiments import ROLE_TAG
 from skinml.tracking.store import store_hint
 

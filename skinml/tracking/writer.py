@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from skinml.core.config import Config
 from skinml.core.errors import RunInterrupted
-from skinml.data import SPLITS
+from skinml.data.split import SPLITS
 from skinml.evaluation import reports
 from skinml.evaluation.metrics import Interval
 from skinml.evaluation.scoring import ScoredSplit

@@ -19,8 +19,7 @@ import pandas as pd
 
 from skinml.core.config import Config, ConfigError
 from skinml.core.labels import PROBABILITY_COLUMNS
-from skinml.data import assert_no_leakage
-from skinml.data.split import assign_folds, fold_split
+from skinml.data.split import assert_no_leakage, assign_folds, fold_split
 from skinml.evaluation import reports
 from skinml.evaluation.calibration import apply_temperature
 from skinml.evaluation.metrics import fold_mean_ci

@@ -11,11 +11,12 @@ import pandas as pd
 import torch
 
 from skinml.core.config import Config, DataConfig
-from skinml.data import assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.data import load_ham10000
 from skinml.data.cache import ImageCache, prepare_cache
 from skinml.data.clinical import encode_clinical
 from skinml.data.loader import CachedBatches
 from skinml.data.metadata import default_data_dir
+from skinml.data.split import assert_no_leakage, split_by_lesion
 from skinml.training.distributed import SINGLE, Cluster, main_first
 
 

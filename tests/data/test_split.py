@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skinml.core.labels import CLASSES
-from skinml.data import SPLITS, SplitError, assert_no_leakage, load_ham10000, split_by_lesion
+from skinml.data import SplitError, load_ham10000
 from skinml.data.errors import TooManyFoldsError
-from skinml.data.split import MIN_FOLD_IMAGES, assign_folds, fold_split
+from skinml.data.split import (
+    MIN_FOLD_IMAGES,
+    SPLITS,
+    assert_no_leakage,
+    assign_folds,
+    fold_split,
+    split_by_lesion,
+)
 
 from ..conftest import FULL_METADATA
 

@@ -12,7 +12,8 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
 from skinml.core.labels import CLASSES
-from skinml.data import DataError, load_ham10000, split_by_lesion
+from skinml.data import DataError, load_ham10000
+from skinml.data.split import split_by_lesion
 
 from ..conftest import skinml_in_process
 

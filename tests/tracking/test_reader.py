@@ -8,8 +8,9 @@ import torch
 
 from skinml.core.config import ModelConfig, load_config
 from skinml.core.errors import SkinmlError
-from skinml.data import load_ham10000, split_by_lesion
+from skinml.data import load_ham10000
 from skinml.data.metadata import default_data_dir
+from skinml.data.split import split_by_lesion
 from skinml.models import build_model
 from skinml.tracking import reader
 from skinml.tracking.logged_model import log_model, model_meta

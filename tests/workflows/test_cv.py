@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from skinml.core.config import load_config
 from skinml.core.labels import PROBABILITY_COLUMNS
-from skinml.data import load_ham10000, split_by_lesion
+from skinml.data import load_ham10000
+from skinml.data.split import split_by_lesion
 from skinml.evaluation.metrics import balanced_accuracy, fold_mean_balanced_accuracy, macro_auc
 from skinml.serving.server import DIRECT, running_server
 from skinml.tracking.logged_model import predict_paths, reads_clinical
