@@ -41,6 +41,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 _LOWER_IS_BETTER = ("loss", "nll", "ece")
 _NOT_MODELS = ("evaluation", "comparison", "study")  # runs of these roles never log a model
 _JUDGE_ATTEMPTS = 5
+_DECISION_TAG = "gate.decision"  # written last: a version without it was cut short
 
 
 class RegistryError(SkinmlError):
@@ -116,8 +117,9 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     if version is not None and _version(compared) == version:
         return _finish_promoted(client, run, name, version, options)
     judged, note = _judge(run, compared, name, options)
+    model_uri = reader.model_uri_of(run)
     if version is None:
-        registered = mlflow.register_model(reader.model_uri_of(run), name,
+        registered = mlflow.register_model(model_uri, name,
                                            tags=_selection_tag(_provenance(run)))
         version = str(registered.version)
     client.update_model_version(name, version, description=_description(run))
@@ -125,12 +127,13 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, gate: GateOptions | None
     compared, judged, note = _judged_against_current(client, name, run, compared, judged,
                                                      note, options)
     decision, reason = _decide(compared, judged, note, options)
-    return _record(client, run, name, version, (decision, reason, compared, judged), options)
+    return _record(client, run, model_uri, (name, version),
+                   (decision, reason, compared, judged), options)
 
 
 def gated(name: str, version: str) -> bool:
     """Whether the gate's decision on a version was recorded (the last step of registering)."""
-    return "gate.decision" in MlflowClient().get_model_version(name, version).tags
+    return _DECISION_TAG in MlflowClient().get_model_version(name, version).tags
 
 
 def _finish_promoted(client: MlflowClient, run: Run, name: str, version: str,
@@ -139,18 +142,18 @@ def _finish_promoted(client: MlflowClient, run: Run, name: str, version: str,
     is gone (the champion it beat no longer holds the alias), and the record says so."""
     reason = "made champion before a restart; the gate's comparison was not recorded"
     client.set_registered_model_alias(name, CHALLENGER, version)  # set before champion was
-    return _record(client, run, name, version, ("promoted", reason, None, None), options)
+    return _record(client, run, reader.model_uri_of(run), (name, version),
+                   ("promoted", reason, None, None), options)
 
 
-def _record(client: MlflowClient, run: Run, name: str, version: str,
+def _record(client: MlflowClient, run: Run, model_uri: str, registered: tuple[str, str],
             gate: tuple[str, str, ModelVersion | None, ModelComparison | None],
             options: GateOptions) -> Registration:
     """Move `champion` on a promotion, then write the gate record, its tags and the card."""
-    decision, reason, compared, judged = gate
+    (name, version), (decision, reason, compared, judged) = registered, gate
     promoted = decision != "not promoted"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    model_uri = reader.model_uri_of(run)
     record = {"gate": _gate_record(decision, reason, compared, judged, options),
               "provenance": _provenance(run)}
     model_id = model_uri.removeprefix("models:/")
@@ -280,7 +283,7 @@ def _interval(interval: Interval) -> dict[str, float]:
 def _gate_tags(record: dict[str, Any]) -> dict[str, str]:
     """The gate tags a person scans in the Versions table (at most five); the rest of the
     record is in `version_vN.json`, beside the model card."""
-    tags = {"gate.decision": record["decision"], "gate.forced": str(record["forced"])}
+    tags = {_DECISION_TAG: record["decision"], "gate.forced": str(record["forced"])}
     if record["champion"] is not None:
         tags["gate.champion_version"] = record["champion"]["version"]
     if record["comparison"] is not None:

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from skinml.data.metadata import default_data_dir
+from skinml.tracking.reader import logged_model_uri
 from skinml.workflows import model_card
 from skinml.workflows.registry import (
     CHALLENGER,
@@ -257,10 +258,11 @@ def test_a_registration_cut_short_before_its_gate_is_judged_once_when_continued(
     registration stage): continuing judges that version; no second version, and the first
     champion is named."""
     name, client = "cut-short", mlflow.MlflowClient(runs["uri"])
+    def registered_only() -> str:  # what the stopped call had done
+        return str(mlflow.register_model(logged_model_uri(runs["good"]), name).version)
+
     with isolated_tracking(runs["root"]):
-        run = client.get_run(runs["good"])
-        version = str(mlflow.register_model(f"models:/{run.outputs.model_outputs[0].model_id}",
-                                            name).version)
+        version = registered_only()
         assert not gated(name, version)
         finished = register_run(runs["good"], name, version=version)
         assert gated(name, version)
@@ -271,8 +273,7 @@ def test_a_registration_cut_short_before_its_gate_is_judged_once_when_continued(
     # cut short after `champion` moved to a new version, before its record: the record says
     # the comparison is gone rather than judging the version against itself
     with isolated_tracking(runs["root"]):
-        again = str(mlflow.register_model(f"models:/{run.outputs.model_outputs[0].model_id}",
-                                          name).version)
+        again = registered_only()
         client.set_registered_model_alias(name, CHAMPION, again)
         finished = register_run(runs["good"], name, version=again)
     assert finished.champion and "made champion before a restart" in finished.reason
