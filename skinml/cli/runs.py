@@ -44,11 +44,10 @@ from skinml.cli.options import (
 def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
           resume_run_id: str | None, nproc: int, **shortcuts: str | None) -> None:
     """Train a ResNeXt and log the run, its figures and the model to MLflow."""
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_under_torchrun(nproc)  # before the imports below: each rank does them
     from skinml.training.choices import load_run_config
     from skinml.workflows.train import train as run_training
-
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _relaunch_under_torchrun(nproc)
 
     config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
     result = run_training(config, resume_run_id=resume_run_id)
@@ -75,15 +74,15 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
        resume_run_id: str | None, **shortcuts: str | None) -> None:
     """Cross-validate: one training run per lesion-grouped fold, out-of-fold metrics, and
     the fold ensemble logged as the parent run's model."""
-    from skinml.training.choices import load_run_config
-    from skinml.workflows.cv import cross_validate
-
     try:
         fold_count = int(folds or "5")
     except ValueError:
         raise click.BadParameter(f"{folds!r} is not a whole number", param_hint="--folds") from None
     if fold_count < 2:
         raise click.BadParameter("needs at least 2 folds", param_hint="--folds")
+    from skinml.training.choices import load_run_config
+    from skinml.workflows.cv import cross_validate
+
     config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
     result = cross_validate(config, fold_count, resume_run_id)
     oof, test = result.oof, result.test
@@ -163,10 +162,6 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
          workers: str | None, log_models: str, heartbeat_interval: int, grace_period: int,
          sets: tuple[str, ...], overrides: str | None, data_dir: str | None) -> None:
     """Tune augmentation and class balancing with Optuna; trials are nested MLflow runs."""
-    from skinml.workflows.tuning.options import TuneOptions
-    from skinml.workflows.tuning.pool import default_workers
-    from skinml.workflows.tuning.study import tune as run_study
-
     try:
         seconds = float(timeout) if timeout is not None else None
     except ValueError:
@@ -177,7 +172,12 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         raise click.BadParameter(f"{bound} is below --n-trials {n_trials}",
                                  param_hint="--max-trials")
     warmup = whole_number(pruner_warmup_epochs, "--pruner-warmup-epochs", minimum=0)
-    processes = whole_number(workers, "--workers") or default_workers()
+    processes = whole_number(workers, "--workers")
+    from skinml.workflows.tuning.options import TuneOptions
+    from skinml.workflows.tuning.pool import default_workers
+    from skinml.workflows.tuning.study import tune as run_study
+
+    processes = processes or default_workers()
     base_overrides = run_overrides({"data_dir": data_dir}, overrides, sets)
     result = run_study(TuneOptions(
         config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
@@ -234,17 +234,19 @@ def pipeline(config_path: str, data_dir: str | None, search_space: str, n_trials
              overrides: str | None, resume_run_id: str | None) -> None:
     """Tune, cross-validate the best configuration, register its fold ensemble through the
     promotion gate, and report the three models on the same test images: one parent run."""
+    trials = whole_number(n_trials, "--n-trials") or 20
+    fold_count = whole_number(folds, "--folds", minimum=2) or 5
+    processes = whole_number(workers, "--workers")
+    sampler_seed = whole_number(seed, "--seed", minimum=0) or 0
     from skinml.workflows.pipeline import PipelineOptions, run_pipeline
     from skinml.workflows.tuning.pool import default_workers
 
     options = PipelineOptions(
         config=config_path, overrides=tuple(run_overrides({"data_dir": data_dir},
                                                           overrides, sets)),
-        search_space=search_space, n_trials=whole_number(n_trials, "--n-trials") or 20,
-        folds=whole_number(folds, "--folds", minimum=2) or 5,
-        workers=whole_number(workers, "--workers") or default_workers(), storage=storage,
-        study_name=study_name, name=name, gate_data=gate_data,
-        seed=whole_number(seed, "--seed", minimum=0) or 0)
+        search_space=search_space, n_trials=trials, folds=fold_count,
+        workers=processes or default_workers(), storage=storage, study_name=study_name,
+        name=name, gate_data=gate_data, seed=sampler_seed)
     result = run_pipeline(options, resume_run_id)
     click.echo(f"pipeline run {result.run_id}: study run {result.tags['skinml.pipeline.study_run']}"
                f", cross-validation run {result.tags['skinml.pipeline.cv_run']}, model "

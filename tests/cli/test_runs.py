@@ -125,3 +125,30 @@ def test_nproc_relaunches_under_torchrun_and_echoes_the_whole_command(monkeypatc
                "--nproc_per_node=2", "-m", "skinml", "train", "--epochs", "1"]
     assert launched == [(sys.executable, command)]
     assert capsys.readouterr().err == shlex.join(command) + "\n"
+
+
+# In a fresh interpreter: what the command imported when it stopped or handed over.
+_IMPORTED_WHEN_DONE = """
+import atexit, os, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+os.execv = lambda path, argv: sys.exit(f"exec {' '.join(argv[1:5])}")
+from skinml.cli import main
+sys.argv = ["skinml", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("args, last_lines", [
+    (["cv", "--folds", "1"], ["error: Invalid value for --folds: needs at least 2 folds"]),
+    (["tune", "--n-trials", "4", "--max-trials", "3"],
+     ["error: Invalid value for --max-trials: 3 is below --n-trials 4"]),
+    (["pipeline", "--folds", "1"], ["error: Invalid value for --folds: must be at least 2, got 1"]),
+    (["train", "--nproc", "2"], ["exec -m torch.distributed.run --standalone --nproc_per_node=2"]),
+], ids=["cv", "tune", "pipeline", "train-nproc"])
+def test_refusals_and_the_torchrun_relaunch_come_before_torch_is_imported(args, last_lines):
+    """A mistyped option answers at once, and `--nproc` hands over to torchrun before the
+    ~7 s of imports that every rank then does again."""
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_WHEN_DONE, *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr.strip().splitlines()[-2:] == [*last_lines, "torch imported: False"], \
+        done.stderr[-2000:]
