@@ -77,7 +77,7 @@ def _interrupted(command: str | None, run_id: str | None) -> str:
 
 def _tag_launching_run(message: str) -> None:
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the run it made says why
-        from skinml.tracking.writer import tag_launching_run_error
+        from skinml.tracking.experiments import tag_launching_run_error
 
         tag_launching_run_error(message)
 

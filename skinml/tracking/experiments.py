@@ -1,9 +1,15 @@
 """How skinml's experiments look in the MLflow UI: the Model training view, a description of
-what each experiment holds, and the role tag every run carries."""
+what each experiment holds, the role tag every run carries, and why a run that `mlflow run`
+launched failed before skinml started it (light: the CLI imports it on a refused option)."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI opens it in Model training view
@@ -38,3 +44,15 @@ def describe_experiment(experiment_id: str, role: str) -> None:
         note = EVALUATIONS_NOTE if judging else TRAINING_NOTE
         trained_in = experiment.name.removesuffix(EVALUATIONS.format(experiment=""))
         client.set_experiment_tag(experiment_id, NOTE_TAG, note.format(experiment=trained_in))
+
+
+def tag_launching_run_error(message: str) -> None:
+    """Under `mlflow run` the run exists before skinml reads its parameters: MLflow marks it
+    FAILED; the tag `skinml.error` says why, in the UI. Nothing to do outside `mlflow run`."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        MlflowClient().set_tag(run_id, "skinml.error", message[:5000])
+    except Exception:  # the error line is already printed; the tag is a courtesy
+        log.debug("could not tag run %s", run_id, exc_info=True)

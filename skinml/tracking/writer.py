@@ -314,18 +314,6 @@ def mark_killed(run_id: str) -> None:
     MlflowClient().set_terminated(run_id, status="KILLED")
 
 
-def tag_launching_run_error(message: str) -> None:
-    """Under `mlflow run` the run exists before skinml reads its parameters: MLflow marks it
-    FAILED; the tag `skinml.error` says why, in the UI. Nothing to do outside `mlflow run`."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    try:
-        MlflowClient().set_tag(run_id, "skinml.error", message[:5000])
-    except Exception:  # the error line is already printed; the tag is a courtesy
-        log.debug("could not tag run %s", run_id, exc_info=True)
-
-
 def log_verdict(line: str, delta: Interval, detail: str) -> None:
     """On the active parent run: the study's verdict as a tag, Δ metrics and verdict.txt."""
     mlflow.set_tag("skinml.verdict", line)
