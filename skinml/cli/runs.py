@@ -172,12 +172,11 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         raise click.BadParameter(f"{bound} is below --n-trials {n_trials}",
                                  param_hint="--max-trials")
     warmup = whole_number(pruner_warmup_epochs, "--pruner-warmup-epochs", minimum=0)
-    processes = whole_number(workers, "--workers")
+    asked_workers = whole_number(workers, "--workers")
     from skinml.workflows.tuning.options import TuneOptions
     from skinml.workflows.tuning.pool import default_workers
     from skinml.workflows.tuning.study import tune as run_study
 
-    processes = processes or default_workers()
     base_overrides = run_overrides({"data_dir": data_dir}, overrides, sets)
     result = run_study(TuneOptions(
         config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
@@ -187,7 +186,8 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
         pruner_patience=pruner_patience,
         register_best=register_best, gate_data=gate_data, verdict=verdict, seed=seed,
         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        overrides=tuple(base_overrides), log_models=log_models, workers=processes))
+        overrides=tuple(base_overrides), log_models=log_models,
+        workers=asked_workers or default_workers()))
     counts = ", ".join(f"{n} {state.lower()}" for state, n in result.counts.items())
     click.echo(f"study {result.study_name}: {counts}; parent run {result.parent_run_id}")
     if result.best_value is not None:
@@ -236,7 +236,7 @@ def pipeline(config_path: str, data_dir: str | None, search_space: str, n_trials
     promotion gate, and report the three models on the same test images: one parent run."""
     trials = whole_number(n_trials, "--n-trials") or 20
     fold_count = whole_number(folds, "--folds", minimum=2) or 5
-    processes = whole_number(workers, "--workers")
+    asked_workers = whole_number(workers, "--workers")
     sampler_seed = whole_number(seed, "--seed", minimum=0) or 0
     from skinml.workflows.pipeline import PipelineOptions, run_pipeline
     from skinml.workflows.tuning.pool import default_workers
@@ -245,7 +245,7 @@ def pipeline(config_path: str, data_dir: str | None, search_space: str, n_trials
         config=config_path, overrides=tuple(run_overrides({"data_dir": data_dir},
                                                           overrides, sets)),
         search_space=search_space, n_trials=trials, folds=fold_count,
-        workers=processes or default_workers(), storage=storage, study_name=study_name,
+        workers=asked_workers or default_workers(), storage=storage, study_name=study_name,
         name=name, gate_data=gate_data, seed=sampler_seed)
     result = run_pipeline(options, resume_run_id)
     click.echo(f"pipeline run {result.run_id}: study run {result.tags['skinml.pipeline.study_run']}"
