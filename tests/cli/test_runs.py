@@ -139,19 +139,22 @@ main()
 """
 
 
-@pytest.mark.parametrize("args, last_lines", [
-    (["cv", "--folds", "1"], ["error: Invalid value for --folds: needs at least 2 folds"]),
+@pytest.mark.parametrize("args, last_lines, under_mlflow_run", [
+    (["cv", "--folds", "1"], ["error: Invalid value for --folds: needs at least 2 folds"], True),
     (["tune", "--n-trials", "4", "--max-trials", "3"],
-     ["error: Invalid value for --max-trials: 3 is below --n-trials 4"]),
-    (["pipeline", "--folds", "1"], ["error: Invalid value for --folds: must be at least 2, got 1"]),
-    (["train", "--nproc", "2"], ["exec -m torch.distributed.run --standalone --nproc_per_node=2"]),
+     ["error: Invalid value for --max-trials: 3 is below --n-trials 4"], False),
+    (["pipeline", "--folds", "1"], ["error: Invalid value for --folds: must be at least 2, got 1"],
+     False),
+    (["train", "--nproc", "2"], ["exec -m torch.distributed.run --standalone --nproc_per_node=2"],
+     False),
 ], ids=["cv", "tune", "pipeline", "train-nproc"])
-def test_refusals_and_the_torchrun_relaunch_come_before_torch_is_imported(args, last_lines,
-                                                                          tmp_path):
-    """A mistyped option answers at once, and `--nproc` hands over to torchrun before the
-    ~7 s of imports that every rank then does again."""
+def test_refusals_and_the_torchrun_relaunch_come_before_torch_is_imported(
+        args, last_lines, under_mlflow_run, tmp_path):
+    """A mistyped option answers at once (under `mlflow run` too, which tags its run with the
+    reason), and `--nproc` hands over to torchrun before the ~7 s of imports that every rank
+    then does again."""
     env = dict(os.environ)
-    if args[0] == "cv":  # as under `mlflow run`, which gets its run tagged with the reason
+    if under_mlflow_run:
         env.update(MLFLOW_RUN_ID="0" * 32,  # a run the store does not hold: no tag
                    MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     done = subprocess.run([sys.executable, "-c", _IMPORTED_WHEN_DONE, *args], env=env,
