@@ -30,8 +30,8 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except SkinmlError as exc:
+            _tag_launching_run(str(exc))  # first: what MLflow logs doing it goes above
             click.echo(f"error: {exc}", err=True)
-            _tag_launching_run(str(exc))
             ctx.exit(2)
         except WorkersFailed as exc:  # each worker printed its own error already
             click.echo(f"error: {exc}", err=True)

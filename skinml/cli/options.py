@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from skinml.core.config import check_key_value, load_config, parse_override
+
 
 def data_dir_argument(function):
     """The folder as `DATA_DIR` or, as every other command takes it, `--data-dir DIR`."""
@@ -54,27 +56,42 @@ SHORTCUTS = {"data_dir": "data.dir", "epochs": "optim.epochs", "image_size": "mo
               "seed": "runtime.seed"}
 
 
+# The shortcuts whose value must name a registry entry (training.choices.REGISTRIES): checked
+# only when given, as the check imports the registries (torch).
+CHOICE_SHORTCUTS = ("arch", "balance_strategy")
+
+
 def shortcut_overrides(shortcuts: dict[str, str | None]) -> list[str]:
     """`--epochs 5` -> `optim.epochs=5`, each checked here so an error names the option."""
-    from skinml.core.config import check_key_value, parse_override
-    from skinml.training.choices import check_choice
-
     items = []
     for name, value in shortcuts.items():
         if value is not None:
             item = f"{SHORTCUTS[name]}={value}"
-            source = f"--{name.replace('_', '-')}"
-            typed = check_key_value(*parse_override(item), source=source)
-            check_choice(SHORTCUTS[name], typed, source=source)
+            check_key_value(*parse_override(item), source=_option(name))
             items.append(item)
     return items
 
 
-def run_overrides(shortcuts: dict[str, str | None], overrides: str | None,
-                  sets: tuple[str, ...]) -> list[str]:
-    """Every override of a training command, in the order later ones win: the shortcuts,
-    then MLproject's space-separated --overrides, then each --set."""
-    return shortcut_overrides(shortcuts) + (overrides or "").split() + list(sets)
+def checked_run_overrides(config_path: str, shortcuts: dict[str, str | None],
+                          overrides: str | None, sets: tuple[str, ...]) -> list[str]:
+    """Every override of a training command, in the order later ones win (the shortcuts,
+    MLproject's space-separated --overrides, each --set), once the config they make of
+    `config_path` is valid. Types and ranges come first: a mistyped value stops before the
+    ~8 s of torch and MLflow imports that a registry name's check needs."""
+    items = shortcut_overrides(shortcuts) + (overrides or "").split() + list(sets)
+    load_config(config_path, items)
+    given = [name for name in CHOICE_SHORTCUTS if shortcuts.get(name) is not None]
+    if given:
+        from skinml.training.choices import check_choice
+
+        for name in given:
+            key = SHORTCUTS[name]
+            check_choice(key, parse_override(f"{key}={shortcuts[name]}")[1], _option(name))
+    return items
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 GATE_DATA = click.option(

@@ -14,7 +14,7 @@ from skinml.cli.options import (
     OVERRIDES,
     SEED,
     blank_is_none,
-    run_overrides,
+    checked_run_overrides,
     whole_number,
 )
 
@@ -44,12 +44,13 @@ from skinml.cli.options import (
 def train(config_path: str, sets: tuple[str, ...], overrides: str | None,
           resume_run_id: str | None, nproc: int, **shortcuts: str | None) -> None:
     """Train a ResNeXt and log the run, its figures and the model to MLflow."""
+    items = checked_run_overrides(config_path, shortcuts, overrides, sets)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         _relaunch_under_torchrun(nproc)  # before the imports below: each rank does them
     from skinml.training.choices import load_run_config
     from skinml.workflows.train import train as run_training
 
-    config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
+    config = load_run_config(config_path, items)
     result = run_training(config, resume_run_id=resume_run_id)
     if os.environ.get("RANK", "0") != "0":
         return  # rank 0 reports
@@ -80,10 +81,11 @@ def cv(config_path: str, folds: str | None, sets: tuple[str, ...], overrides: st
         raise click.BadParameter(f"{folds!r} is not a whole number", param_hint="--folds") from None
     if fold_count < 2:
         raise click.BadParameter("needs at least 2 folds", param_hint="--folds")
+    items = checked_run_overrides(config_path, shortcuts, overrides, sets)
     from skinml.training.choices import load_run_config
     from skinml.workflows.cv import cross_validate
 
-    config = load_run_config(config_path, run_overrides(shortcuts, overrides, sets))
+    config = load_run_config(config_path, items)
     result = cross_validate(config, fold_count, resume_run_id)
     oof, test = result.oof, result.test
     click.echo(f"run {result.run_id}: {len(result.fold_run_ids)} folds, out-of-fold balanced "
@@ -173,11 +175,11 @@ def tune(config_path: str, search_space: str, n_trials: int, max_trials: str | N
                                  param_hint="--max-trials")
     warmup = whole_number(pruner_warmup_epochs, "--pruner-warmup-epochs", minimum=0)
     asked_workers = whole_number(workers, "--workers")
+    base_overrides = checked_run_overrides(config_path, {"data_dir": data_dir}, overrides, sets)
     from skinml.workflows.tuning.options import TuneOptions
     from skinml.workflows.tuning.pool import default_workers
     from skinml.workflows.tuning.study import tune as run_study
 
-    base_overrides = run_overrides({"data_dir": data_dir}, overrides, sets)
     result = run_study(TuneOptions(
         config=config_path, search_space=search_space, n_trials=n_trials, max_trials=bound,
         timeout=seconds, study_name=study_name, storage=storage, sampler=sampler,
@@ -238,12 +240,12 @@ def pipeline(config_path: str, data_dir: str | None, search_space: str, n_trials
     fold_count = whole_number(folds, "--folds", minimum=2) or 5
     asked_workers = whole_number(workers, "--workers")
     sampler_seed = whole_number(seed, "--seed", minimum=0) or 0
+    base_overrides = checked_run_overrides(config_path, {"data_dir": data_dir}, overrides, sets)
     from skinml.workflows.pipeline import PipelineOptions, run_pipeline
     from skinml.workflows.tuning.pool import default_workers
 
     options = PipelineOptions(
-        config=config_path, overrides=tuple(run_overrides({"data_dir": data_dir},
-                                                          overrides, sets)),
+        config=config_path, overrides=tuple(base_overrides),
         search_space=search_space, n_trials=trials, folds=fold_count,
         workers=asked_workers or default_workers(), storage=storage, study_name=study_name,
         name=name, gate_data=gate_data, seed=sampler_seed)

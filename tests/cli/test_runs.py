@@ -145,9 +145,18 @@ main()
      ["error: Invalid value for --max-trials: 3 is below --n-trials 4"], False),
     (["pipeline", "--folds", "1"], ["error: Invalid value for --folds: must be at least 2, got 1"],
      False),
+    (["train", "--epochs", "-1"], ["error: --epochs: optim.epochs must be at least 1, got -1"],
+     True),
+    (["tune", "--set", "optim.lr=abc"],
+     ["error: override optim.lr=abc: optim.lr must be float, got 'abc'"], False),
+    # refused once, not by each rank torchrun would start
+    (["train", "--nproc", "2", "--overrides", "model.image_size=0"],
+     ["error: override model.image_size=0: model.image_size must be between 16 and 1024, "
+      "got 0"], False),
     (["train", "--nproc", "2"], ["exec -m torch.distributed.run --standalone --nproc_per_node=2"],
      False),
-], ids=["cv", "tune", "pipeline", "train-nproc"])
+], ids=["cv", "tune", "pipeline", "train-range", "tune-type", "train-nproc-range",
+        "train-nproc"])
 def test_refusals_and_the_torchrun_relaunch_come_before_torch_is_imported(
         args, last_lines, under_mlflow_run, tmp_path):
     """A mistyped option answers at once (under `mlflow run` too, which tags its run with the

@@ -7,10 +7,16 @@ import pytest
 from click.testing import CliRunner
 
 from skinml.cli import main
+from skinml.cli.options import CHOICE_SHORTCUTS, SHORTCUTS
 from skinml.core.config import ConfigError, load_config
 from skinml.models import ARCHITECTURES
 from skinml.training.balance import STRATEGIES
-from skinml.training.choices import build_run_config, check_choice, load_run_config
+from skinml.training.choices import (
+    REGISTRIES,
+    build_run_config,
+    check_choice,
+    load_run_config,
+)
 
 from ..conftest import DEMO
 
@@ -68,3 +74,8 @@ def test_train_cli_names_the_option_a_bad_name_came_from():
         assert result.exit_code == 2, (args, result.output)
         assert result.stderr.startswith(message), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_cli_checks_a_registry_name_for_each_shortcut_that_takes_one():
+    # the shortcuts checked after the imports (cli.options) are those naming a registry key
+    assert {SHORTCUTS[name] for name in CHOICE_SHORTCUTS} == set(REGISTRIES)
