@@ -54,5 +54,5 @@ def tag_launching_run_error(message: str) -> None:
         return
     try:
         MlflowClient().set_tag(run_id, "skinml.error", message[:5000])
-    except Exception:  # the error line is already printed; the tag is a courtesy
+    except Exception:  # the error line follows regardless; the tag is a courtesy
         log.debug("could not tag run %s", run_id, exc_info=True)
